@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// Everything host-side: containers, policies and the CPU reference. CUDA lives under dms/cuda/.
+
+#include "dms/cache_config.hpp"
+#include "dms/cache_view.hpp"
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/numeric.hpp"
+#include "dms/page_pool.hpp"
+#include "dms/paged_cache.hpp"
+#include "dms/policy/dense.hpp"
+#include "dms/policy/dms.hpp"
+#include "dms/policy/dms_decision.hpp"
+#include "dms/policy/h2o.hpp"
+#include "dms/policy/policy.hpp"
+#include "dms/policy/quest.hpp"
+#include "dms/policy/ranking.hpp"
+#include "dms/policy/snapkv.hpp"
+#include "dms/policy/streaming_llm.hpp"
+#include "dms/policy/tova.hpp"
+#include "dms/reference/attend.hpp"
+#include "dms/reference/decode.hpp"
+#include "dms/reference/prefill.hpp"
+#include "dms/version.hpp"

@@ -1,0 +1,22 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// Dense: keep every token. The baseline every other policy is measured against, and the smallest
+// complete example of the policy interface.
+
+#include "dms/config.hpp"
+#include "dms/policy/policy.hpp"
+
+DMS_NAMESPACE_BEGIN
+
+struct dense_policy : policy<dense_policy> {
+  const char* name() const { return "dense"; }
+  template <class Row>
+  int choose_victim(const Row&, const token_info&) const {
+    return -1;
+  }
+  template <class Seq>
+  void after_attention(Seq&) const {}
+};
+
+DMS_NAMESPACE_END

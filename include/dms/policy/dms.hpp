@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// DMS — Dynamic Memory Sparsification: learned, delayed eviction (spec: "DMS").
+//
+// Per row, the decision logit l[t] carried by token t flags token t-1 (evict = l > 0). A flagged
+// token stays visible to its own query and the next `window` queries, then its slot is reused by
+// the token that arrives w+1 positions later. The row keeps a ring of the last w+1 (slot, flag)
+// entries, so memory per row is (unflagged tokens older than the window) + (at most w+1 recent).
+//
+// Choices where the spec leaves one open:
+//  * Non-finite logits: the host cache rejects them with dms::error before touching anything;
+//    device code, which cannot throw, treats them as "keep" (NaN > 0 is false).
+//  * The logit of a sequence's first token applies to nothing; the newest token is "keep" until
+//    the next one arrives.
+
+#include <cstdint>
+#include <vector>
+
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/policy/policy.hpp"
+
+DMS_NAMESPACE_BEGIN
+
+/// The DMS rules, written once for the CPU path and the kernels.
+namespace dms_rule {
+
+/// sigmoid(l) > 0.5. False for NaN, so a corrupt logit keeps its token.
+DMS_HOST_DEVICE bool evicts(float logit) { return logit > 0.0f; }
+
+/// Spec rule 4: key j is visible to query t (j <= t) iff it is unflagged or t - j <= window.
+DMS_HOST_DEVICE bool visible(bool flagged, std::int32_t key_position, std::int32_t query_position,
+                             std::int32_t window) {
+  return !flagged || query_position - key_position <= window;
+}
+
+/// The slot token t may overwrite: that of token t-w-1 if it is flagged, else -1. With w = 0 that
+/// token is t-1, whose flag is t's own logit, not yet in the ring.
+DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, const std::uint8_t* ring_flag,
+                           std::int32_t t, std::int32_t window, float logit) {
+  if (t < window + 1) return -1;
+  const std::int32_t i = (t - window - 1) % (window + 1);
+  const bool flagged = window == 0 ? evicts(logit) : ring_flag[i] != 0;
+  return flagged ? ring_slot[i] : -1;
+}
+
+/// Records token t in `slot`: its logit flags token t-1 (the shift rule), t itself starts unflagged.
+DMS_HOST_DEVICE void record(std::int32_t* ring_slot, std::uint8_t* ring_flag, std::int32_t t,
+                            std::int32_t window, float logit, std::int32_t slot) {
+  if (t > 0) ring_flag[(t - 1) % (window + 1)] = evicts(logit) ? 1 : 0;
+  ring_slot[t % (window + 1)] = slot;
+  ring_flag[t % (window + 1)] = 0;
+}
+
+/// Flag of the cached token at `position` in a row that has seen `seen` tokens. Tokens older than
+/// the ring are survivors (a flagged one would have been overwritten); the newest is unknown (0).
+DMS_HOST_DEVICE bool flagged(const std::uint8_t* ring_flag, std::int32_t position, std::int32_t seen,
+                             std::int32_t window) {
+  if (position >= seen - 1 || position < seen - (window + 1)) return false;
+  return ring_flag[position % (window + 1)] != 0;
+}
+
+}  // namespace dms_rule
+
+struct dms_params {
+  /// Sliding window w: a flagged token stays visible for w more queries (512 in Qwen3-8B-DMS-8x).
+  int window = 512;
+};
+
+struct dms_policy : policy<dms_policy> {
+  struct row_state {
+    std::vector<std::int32_t> ring_slot;  // [window + 1] slot of token p at p % (window + 1)
+    std::vector<std::uint8_t> ring_flag;  // [window + 1] its eviction flag
+  };
+  static constexpr bool uses_decision_logits = true;
+
+  dms_policy() : dms_policy(dms_params{}) {}
+  explicit dms_policy(dms_params p) : params_(p) {
+    detail::check_range("dms_params.window", p.window, 0, (1 << 30) - 1);
+  }
+
+  const char* name() const { return "DMS"; }
+  [[nodiscard]] int window() const { return params_.window; }
+
+  void init_row(row_state& s) const {
+    s.ring_slot.assign(std::size_t(params_.window) + 1, -1);
+    s.ring_flag.assign(std::size_t(params_.window) + 1, 0);
+  }
+  template <class Row>
+  int choose_victim(const Row& row, const token_info& tok) const {
+    const auto& s = row.state();
+    return dms_rule::victim(s.ring_slot.data(), s.ring_flag.data(), tok.position, params_.window,
+                            tok.decision_logit);
+  }
+  template <class Row>
+  void on_append(Row& row, const token_info& tok, int slot) const {
+    auto& s = row.state();
+    dms_rule::record(s.ring_slot.data(), s.ring_flag.data(), tok.position, params_.window,
+                     tok.decision_logit, slot);
+  }
+  template <class Seq>
+  void after_attention(Seq&) const {}  // eviction is decided at append time, by the shift rule
+
+  /// Prefill asks this for keys already in the cache (the chunk's own flags come from its logits).
+  [[nodiscard]] bool flagged(const row_state& s, std::int32_t position, std::int32_t seen) const {
+    return dms_rule::flagged(s.ring_flag.data(), position, seen, params_.window);
+  }
+  template <class Row>
+  void on_slot_moved(Row& row, int from, int to) const {
+    auto& s = row.state();
+    const std::int32_t p = row.position(to), seen = row.tokens_seen();
+    if (p >= seen - (params_.window + 1) && s.ring_slot[p % (params_.window + 1)] == from)
+      s.ring_slot[p % (params_.window + 1)] = to;
+  }
+
+ private:
+  dms_params params_;
+};
+
+DMS_NAMESPACE_END

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// H2O — Heavy-Hitter Oracle (spec: "H2O"). Each slot's score is the running sum of the attention
+// probability its token has received, summed over the G query heads of the group (the official
+// per-query-head bookkeeping breaks under GQA). The `recent` newest tokens are always kept; of
+// the rest, the top budget - recent by score. Decode is one-in/one-out after attention; prefill
+// accumulates the column sums of the causal probabilities and reduces once at finish_prompt.
+// Ties: the oldest token goes first.
+
+#include <cstdint>
+
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/policy/policy.hpp"
+#include "dms/policy/ranking.hpp"
+
+DMS_NAMESPACE_BEGIN
+
+struct h2o_params {
+  int budget = 512;  // heavy + recent tokens kept per row
+  int recent = 256;  // newest tokens always kept
+};
+
+struct h2o_policy : policy<h2o_policy> {
+  static constexpr bool keeps_scores = true;
+
+  h2o_policy() : h2o_policy(h2o_params{}) {}
+  explicit h2o_policy(h2o_params p) : params_(p) {
+    detail::check_range("h2o_params.recent", p.recent, 0, 1 << 30);
+    if (p.budget < p.recent || p.budget < 1)
+      detail::fail("h2o_params.budget = ", p.budget, " must be >= max(1, recent = ", p.recent, ")");
+  }
+  const char* name() const { return "H2O"; }
+  [[nodiscard]] const h2o_params& params() const { return params_; }
+
+  constexpr score_update score_for_query(int, int) const { return score_update::add; }
+
+  template <class Row>
+  int choose_victim(const Row&, const token_info&) const {
+    return -1;
+  }
+  template <class Seq>
+  void after_attention(Seq& seq) const {
+    for (int h = 0; h < seq.num_rows(); ++h) reduce(seq.row(h));
+  }
+  template <class Seq>
+  void compress_prompt(Seq& seq) const {
+    for (int h = 0; h < seq.num_rows(); ++h) {
+      reduce(seq.row(h));
+      seq.row(h).compact();
+    }
+  }
+
+ private:
+  template <class Row>
+  void reduce(Row& row) const {
+    const std::int32_t recent_from = row.tokens_seen() - params_.recent;
+    while (row.live() > params_.budget)
+      row.evict(detail::lowest_slot(row, recent_from, [&](int s) { return row.score(s); }));
+  }
+
+  h2o_params params_;
+};
+
+DMS_NAMESPACE_END

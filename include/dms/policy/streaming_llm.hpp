@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// StreamingLLM — attention sinks + recent window (spec: "StreamingLLM"). A row keeps its first
+// `sinks` tokens and its `recent` newest ones. In decode the token that falls out of the window
+// is overwritten by the new one, so the query at position t attends to the sinks and tokens
+// t-recent+1 .. t. Keys are stored after RoPE, so nothing is re-rotated.
+//
+// Choice: the prompt is attended densely (like the other training-free policies) and reduced to
+// sinks + recent once, at finish_prompt; this keeps chunked prefill identical to one-shot.
+
+#include <cstdint>
+#include <vector>
+
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/policy/policy.hpp"
+
+DMS_NAMESPACE_BEGIN
+
+namespace streaming_rule {
+
+/// Ring index of a non-sink position (position >= sinks): a ring of `recent` slots.
+DMS_HOST_DEVICE std::int32_t ring_index(std::int32_t position, std::int32_t sinks,
+                                        std::int32_t recent) {
+  return (position - sinks) % recent;
+}
+
+/// Decode: once sinks + recent tokens are live, token t overwrites token t - recent.
+DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, int live, std::int32_t t,
+                           std::int32_t sinks, std::int32_t recent) {
+  if (live < sinks + recent || t - recent < sinks) return -1;
+  return ring_slot[ring_index(t, sinks, recent)];
+}
+
+}  // namespace streaming_rule
+
+struct streaming_params {
+  int sinks = 4;
+  int recent = 508;
+};
+
+struct streaming_llm_policy : policy<streaming_llm_policy> {
+  struct row_state {
+    std::vector<std::int32_t> ring_slot;  // [recent] slot of non-sink token p at (p - sinks) % recent
+  };
+
+  streaming_llm_policy() : streaming_llm_policy(streaming_params{}) {}
+  explicit streaming_llm_policy(streaming_params p) : params_(p) {
+    detail::check_range("streaming_params.sinks", p.sinks, 0, 1 << 30);
+    detail::check_range("streaming_params.recent", p.recent, 1, 1 << 30);
+  }
+  const char* name() const { return "StreamingLLM"; }
+  [[nodiscard]] const streaming_params& params() const { return params_; }
+  [[nodiscard]] int budget() const { return params_.sinks + params_.recent; }
+
+  void init_row(row_state& s) const { s.ring_slot.assign(std::size_t(params_.recent), -1); }
+
+  template <class Row>
+  int choose_victim(const Row& row, const token_info& tok) const {
+    if (tok.in_prompt) return -1;
+    return streaming_rule::victim(row.state().ring_slot.data(), row.live(), tok.position,
+                                  params_.sinks, params_.recent);
+  }
+  template <class Row>
+  void on_append(Row& row, const token_info& tok, int slot) const {
+    if (tok.position >= params_.sinks)
+      row.state().ring_slot[streaming_rule::ring_index(tok.position, params_.sinks, params_.recent)] = slot;
+  }
+  template <class Row>
+  void on_slot_moved(Row& row, int, int to) const {
+    const std::int32_t p = row.position(to);
+    if (p >= params_.sinks && p >= row.tokens_seen() - params_.recent)
+      row.state().ring_slot[streaming_rule::ring_index(p, params_.sinks, params_.recent)] = to;
+  }
+  template <class Seq>
+  void after_attention(Seq&) const {}  // eviction happens when the next token arrives
+
+  template <class Seq>
+  void compress_prompt(Seq& seq) const {
+    for (int h = 0; h < seq.num_rows(); ++h) {
+      auto& row = seq.row(h);
+      const std::int32_t recent_from = row.tokens_seen() - params_.recent;
+      for (int s = 0; s < row.length(); ++s) {
+        const std::int32_t p = row.position(s);
+        if (p >= params_.sinks && p < recent_from) row.evict(s);
+      }
+      row.compact();
+    }
+  }
+
+ private:
+  streaming_params params_;
+};
+
+DMS_NAMESPACE_END

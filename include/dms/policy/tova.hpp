@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// TOVA — Token Omission Via Attention (spec: "TOVA"). After each decode step a row holding more
+// than `budget` tokens drops the one the CURRENT query attends to least (the new token is a
+// candidate too). Prefill is dense; finish_prompt then keeps the `budget` tokens the last prompt
+// query attends to most.
+//
+// Ranking modes:
+//  * per_kv_head (default): probabilities averaged over the G query heads of the row's group.
+//    The natural choice for per-row caches: each KV head keeps what its own queries use.
+//  * layer_average: the official code — averaged over ALL query heads of the layer, one ranking
+//    shared by every KV head, so all rows of a sequence keep the same positions.
+// Ties: the oldest token goes first (dms/policy/ranking.hpp).
+
+#include <cstdint>
+
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/policy/policy.hpp"
+#include "dms/policy/ranking.hpp"
+
+DMS_NAMESPACE_BEGIN
+
+enum class tova_ranking { per_kv_head, layer_average };
+
+struct tova_params {
+  int budget = 512;  // tokens kept per row after each step
+  tova_ranking ranking = tova_ranking::per_kv_head;
+};
+
+struct tova_policy : policy<tova_policy> {
+  static constexpr bool keeps_scores = true;
+
+  tova_policy() : tova_policy(tova_params{}) {}
+  explicit tova_policy(tova_params p) : params_(p) {
+    detail::check_range("tova_params.budget", p.budget, 1, 1 << 30);
+  }
+  const char* name() const {
+    return params_.ranking == tova_ranking::layer_average ? "TOVA (layer)" : "TOVA";
+  }
+  [[nodiscard]] const tova_params& params() const { return params_; }
+
+  /// The score of a slot is the current query's probability summed over the group's heads.
+  constexpr score_update score_for_query(int, int) const { return score_update::assign; }
+
+  template <class Row>
+  int choose_victim(const Row&, const token_info&) const {
+    return -1;
+  }
+  template <class Seq>
+  void after_attention(Seq& seq) const {
+    reduce_to(seq, params_.budget);
+  }
+  template <class Seq>
+  void compress_prompt(Seq& seq) const {
+    reduce_to(seq, params_.budget);
+    for (int h = 0; h < seq.num_rows(); ++h) seq.row(h).compact();
+  }
+
+ private:
+  template <class Seq>
+  void reduce_to(Seq& seq, int budget) const {
+    if (params_.ranking == tova_ranking::per_kv_head) {
+      for (int h = 0; h < seq.num_rows(); ++h) {
+        auto& row = seq.row(h);
+        while (row.live() > budget)
+          row.evict(detail::lowest_slot(row, row.tokens_seen(), [&](int s) { return row.score(s); }));
+      }
+      return;
+    }
+    // Layer average: every row of the sequence went through the same appends and evictions, so
+    // slot s holds the same position in all of them; rank by the score summed over rows.
+    auto& first = seq.row(0);
+    for (int h = 1; h < seq.num_rows(); ++h)
+      if (seq.row(h).length() != first.length())
+        detail::fail("tova layer_average: rows of one sequence diverged (lengths ", first.length(),
+                     " and ", seq.row(h).length(), ")");
+    const auto combined = [&](int s) {
+      float sum = 0;
+      for (int h = 0; h < seq.num_rows(); ++h) sum += seq.row(h).score(s);
+      return sum;
+    };
+    while (first.live() > budget) {
+      const int victim = detail::lowest_slot(first, first.tokens_seen(), combined);
+      for (int h = 0; h < seq.num_rows(); ++h) seq.row(h).evict(victim);
+    }
+  }
+
+  tova_params params_;
+};
+
+DMS_NAMESPACE_END

@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// The arithmetic core of the CPU reference: G query heads attend to n packed keys. fp32 all the
+// way, max-subtracted (stable) softmax, log-sum-exp out. Loops run over contiguous head_dim so
+// the compiler vectorizes them; keys are visited once for all G heads of the group.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "dms/config.hpp"
+
+DMS_NAMESPACE_BEGIN
+namespace reference {
+
+/// q: [G][d]; k, v: [n][d] packed; visible: [n] (nullptr = all visible).
+/// Writes out: [G][d], lse: [G] (natural log; -inf when nothing is visible, with out = 0) and
+/// probs: [G][n] normalized probabilities (0 for invisible keys). probs doubles as scratch.
+inline void attend_group(const float* q, int G, int d, const float* k, const float* v, int n,
+                         const std::uint8_t* visible, float scale, float* out, float* lse,
+                         float* probs) {
+  std::fill(out, out + std::size_t(G) * d, 0.0f);
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + std::size_t(g) * d;
+    float* pg = probs + std::size_t(g) * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < n; ++j) {
+      if (visible && !visible[j]) {
+        pg[j] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* kj = k + std::size_t(j) * d;
+      float dot = 0.0f;
+      for (int c = 0; c < d; ++c) dot += qg[c] * kj[c];
+      pg[j] = dot * scale;
+      m = std::max(m, pg[j]);
+    }
+    if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible
+      std::fill(pg, pg + n, 0.0f);
+      lse[g] = m;
+      continue;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      pg[j] = std::exp(pg[j] - m);  // exp(-inf) = 0 for invisible keys
+      sum += pg[j];
+    }
+    const float inv = 1.0f / sum;
+    float* og = out + std::size_t(g) * d;
+    for (int j = 0; j < n; ++j) {
+      pg[j] *= inv;
+      if (pg[j] == 0.0f) continue;
+      const float p = pg[j];
+      const float* vj = v + std::size_t(j) * d;
+      for (int c = 0; c < d; ++c) og[c] += p * vj[c];
+    }
+    lse[g] = m + std::log(sum);
+  }
+}
+
+/// 1 / sqrt(head_dim) unless the caller gave a scale.
+inline float softmax_scale_or_default(float scale, int head_dim) {
+  return scale > 0.0f ? scale : 1.0f / std::sqrt(float(head_dim));
+}
+
+}  // namespace reference
+DMS_NAMESPACE_END

@@ -1,0 +1,213 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// CPU reference prefill, chunked. A chunk's queries attend to (a) what the cache already holds
+// and (b) the chunk's own keys, causally, under the DMS delayed-eviction rule for policies that
+// take decision logits (dense causal for the others). Then the chunk is appended, which lets DMS
+// drop what can never be visible again. When the prompt is complete the policy reduces it once
+// (TOVA, H2O, SnapKV, StreamingLLM). Chunk size never changes the result beyond float rounding.
+//
+// Left padding: the first `padding` tokens of a sequence's prompt are not tokens at all: they
+// are not cached, take no position, and their queries output zeros (lse = -inf).
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "dms/config.hpp"
+#include "dms/error.hpp"
+#include "dms/numeric.hpp"
+#include "dms/paged_cache.hpp"
+#include "dms/policy/dms.hpp"
+#include "dms/reference/attend.hpp"
+
+DMS_NAMESPACE_BEGIN
+namespace reference {
+
+/// One chunk of a prompt, token-major.
+struct prefill_chunk_inputs {
+  std::span<const float> q;                // [tokens][num_query_heads][head_dim]
+  std::span<const float> k;                // [tokens][num_kv_heads][head_dim]
+  std::span<const float> v;                // [tokens][num_kv_heads][head_dim]
+  std::span<const float> decision_logits;  // [tokens][num_kv_heads] for DMS, else empty
+  int padding = 0;                         // leading tokens that are left padding
+};
+
+struct prefill_outputs {
+  std::span<float> out;  // [tokens][num_query_heads][head_dim]
+  std::span<float> lse;  // [tokens][num_query_heads], optional
+  float softmax_scale = 0.0f;
+};
+
+/// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
+/// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt).
+template <storage_type T, class P>
+void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                   int prompt_length, prefill_outputs o) {
+  const cache_config& cfg = cache.config();
+  const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
+  const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
+  auto seq_ref = cache.sequence(seq);  // validates seq
+  if (in.q.size() % qrow != 0)
+    detail::fail("prefill: q has ", in.q.size(), " elements, not a multiple of num_query_heads * head_dim = ", qrow);
+  const int tokens = int(in.q.size() / qrow);
+  detail::check_size("prefill: k", in.k.size(), tokens * krow);
+  detail::check_size("prefill: v", in.v.size(), tokens * krow);
+  detail::check_size("prefill: out", o.out.size(), tokens * qrow);
+  if (!o.lse.empty()) detail::check_size("prefill: lse", o.lse.size(), std::size_t(tokens) * H);
+  detail::check_range("prefill: padding", in.padding, 0, tokens);
+  const std::int32_t t0 = seq_ref.row(0).tokens_seen();
+  if (in.padding > 0 && t0 > 0)
+    detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ", t0,
+                 " tokens; left padding must precede every real token");
+  const int n = tokens - in.padding;  // real tokens in the chunk
+  if (t0 + n > prompt_length)
+    detail::fail("prefill: chunk ends at token ", t0 + n, ", past prompt_length = ", prompt_length);
+  if constexpr (P::uses_decision_logits) {
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
+    for (std::size_t i = std::size_t(in.padding) * Hk; i < in.decision_logits.size(); ++i)
+      if (!std::isfinite(in.decision_logits[i]))
+        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk, "] = ", in.decision_logits[i],
+                     " is not finite");
+  } else {
+    detail::check_size("prefill: decision_logits (policy takes none)", in.decision_logits.size(), 0);
+  }
+
+  const float scale = softmax_scale_or_default(o.softmax_scale, d);
+  const auto view = cache.view();
+  std::fill(o.out.begin(), o.out.begin() + std::ptrdiff_t(in.padding) * qrow, 0.0f);
+  if (!o.lse.empty())
+    std::fill(o.lse.begin(), o.lse.begin() + std::ptrdiff_t(in.padding) * H,
+              -std::numeric_limits<float>::infinity());
+
+  // Per-chunk-key score contributions, folded into the slots once the chunk is appended.
+  std::vector<float> chunk_score(std::size_t(Hk) * n, 0.0f);
+  std::vector<float> kbuf, vbuf, probs, lse(G);
+  std::vector<std::int32_t> pos;
+  std::vector<std::uint8_t> flag, visible;
+  std::vector<int> cached_slots;
+
+  for (int h = 0; h < Hk; ++h) {
+    auto& row = seq_ref.row(h);
+    const int r = row.index();
+    // Keys: the cached live slots, then the chunk's keys rounded to the storage type (so a
+    // chunk boundary never changes what a key looks like).
+    cached_slots.clear();
+    for (int s = 0; s < row.length(); ++s)
+      if (row.position(s) >= 0) cached_slots.push_back(s);
+    const int c = int(cached_slots.size()), m = c + n;
+    kbuf.resize(std::size_t(m) * d);
+    vbuf.resize(std::size_t(m) * d);
+    pos.resize(m);
+    flag.assign(m, 0);
+    for (int j = 0; j < c; ++j) {
+      const T* ks = view.key(r, cached_slots[j]);
+      const T* vs = view.value(r, cached_slots[j]);
+      for (int x = 0; x < d; ++x) {
+        kbuf[std::size_t(j) * d + x] = to_float(ks[x]);
+        vbuf[std::size_t(j) * d + x] = to_float(vs[x]);
+      }
+      pos[j] = row.position(cached_slots[j]);
+    }
+    for (int i = 0; i < n; ++i) {
+      const std::size_t src = (std::size_t(in.padding + i) * Hk + h) * d;
+      for (int x = 0; x < d; ++x) {
+        kbuf[std::size_t(c + i) * d + x] = to_float(from_float<T>(in.k[src + x]));
+        vbuf[std::size_t(c + i) * d + x] = to_float(from_float<T>(in.v[src + x]));
+      }
+      pos[c + i] = t0 + i;
+    }
+    if constexpr (P::uses_decision_logits) {
+      // Shift rule: the logit of token t flags token t-1; the first token's flags nothing.
+      const auto logit = [&](int i) { return in.decision_logits[std::size_t(in.padding + i) * Hk + h]; };
+      for (int j = 0; j < c; ++j) {
+        if (pos[j] == t0 - 1)
+          flag[j] = n > 0 && dms_rule::evicts(logit(0));
+        else
+          flag[j] = cache.policy().flagged(row.state(), pos[j], t0);
+      }
+      for (int i = 0; i + 1 < n; ++i) flag[c + i] = dms_rule::evicts(logit(i + 1));
+    }
+
+    visible.resize(m);
+    probs.resize(std::size_t(G) * m);
+    for (int i = 0; i < n; ++i) {
+      const std::int32_t t = t0 + i;
+      const int keys = c + i + 1;  // causal: nothing after the query itself
+      for (int j = 0; j < keys; ++j) {
+        if constexpr (P::uses_decision_logits)
+          visible[j] = dms_rule::visible(flag[j], pos[j], t, cache.policy().window());
+        else
+          visible[j] = 1;
+      }
+      const std::size_t qoff = std::size_t(in.padding + i) * qrow + std::size_t(h) * G * d;
+      attend_group(in.q.data() + qoff, G, d, kbuf.data(), vbuf.data(), keys, visible.data(), scale,
+                   o.out.data() + qoff, lse.data(), probs.data());
+      if (!o.lse.empty())
+        std::copy(lse.begin(), lse.end(), o.lse.begin() + std::ptrdiff_t(in.padding + i) * H + h * G);
+      if constexpr (P::keeps_scores) {
+        const score_update how = cache.policy().score_for_query(t, prompt_length);
+        if (how == score_update::none) continue;
+        for (int j = 0; j < keys; ++j) {
+          if (!visible[j]) continue;
+          float p = 0.0f;
+          for (int g = 0; g < G; ++g) p += probs[std::size_t(g) * keys + j];
+          float& sc = j < c ? view.score[view.slot_index(r, cached_slots[j])]
+                            : chunk_score[std::size_t(h) * n + (j - c)];
+          sc = how == score_update::add ? sc + p : p;
+        }
+      }
+    }
+  }
+
+  // Append the chunk: the same bookkeeping as decode, so DMS reuses expired slots as it goes.
+  for (int i = 0; i < n; ++i) {
+    const std::size_t t = std::size_t(in.padding + i);
+    const auto logits = P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk)
+                                                : std::span<const float>{};
+    cache.append(seq, in.k.subspan(t * krow, krow), in.v.subspan(t * krow, krow), logits, true);
+  }
+  if constexpr (P::keeps_scores) {
+    for (int h = 0; h < Hk; ++h) {
+      auto& row = seq_ref.row(h);
+      for (int s = 0; s < row.length(); ++s) {
+        const std::int32_t p = row.position(s);
+        if (p >= t0 && p < t0 + n)
+          view.score[view.slot_index(row.index(), s)] = chunk_score[std::size_t(h) * n + (p - t0)];
+      }
+    }
+  }
+  if (t0 + n == prompt_length) cache.finish_prompt(seq);
+}
+
+/// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
+template <storage_type T, class P>
+void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int chunk_size,
+             prefill_outputs o) {
+  const cache_config& cfg = cache.config();
+  const std::size_t qrow = std::size_t(cfg.num_query_heads()) * cfg.head_dim;
+  const std::size_t krow = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t H = std::size_t(cfg.num_query_heads()), Hk = std::size_t(cfg.num_kv_heads);
+  detail::check_range("prefill: chunk_size", chunk_size, 1, 1 << 30);
+  if (in.q.size() % qrow != 0)
+    detail::fail("prefill: q has ", in.q.size(), " elements, not a multiple of num_query_heads * head_dim = ", qrow);
+  const int tokens = int(in.q.size() / qrow);
+  detail::check_range("prefill: padding", in.padding, 0, tokens);
+  const int prompt_length = cache.sequence(seq).row(0).tokens_seen() + tokens - in.padding;
+  for (int begin = 0; begin < tokens; begin += chunk_size) {
+    const int len = std::min(chunk_size, tokens - begin);
+    const auto part = [&](auto span, std::size_t per) {
+      return span.size() == 0 ? span : span.subspan(std::size_t(begin) * per, std::size_t(len) * per);
+    };
+    prefill_chunk_inputs chunk{part(in.q, qrow), part(in.k, krow), part(in.v, krow),
+                               part(in.decision_logits, Hk),
+                               std::clamp(in.padding - begin, 0, len)};
+    prefill_chunk(cache, seq, chunk, prompt_length,
+                  {part(o.out, qrow), part(o.lse, H), o.softmax_scale});
+  }
+}
+
+}  // namespace reference
+DMS_NAMESPACE_END
