@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -145,7 +146,8 @@ class paged_cache {
   // ---- bookkeeping -----------------------------------------------------------------------
 
   /// Appends one token to every row of `seq`. k and v are [num_kv_heads][head_dim];
-  /// decision_logits is [num_kv_heads] for policies that use them and empty otherwise.
+  /// decision_logits is [num_kv_heads] (required by policies that use them; others accept it
+  /// empty or ignore it, so one driver can feed every policy).
   /// The policy may first name a slot to overwrite (DMS's delayed eviction, StreamingLLM).
   /// Throws, leaving the cache unchanged, on an unknown sequence, wrong sizes, a non-finite
   /// decision logit, a full row, or an exhausted page pool.
@@ -163,8 +165,9 @@ class paged_cache {
         if (!std::isfinite(decision_logits[h]))
           detail::fail("append: decision_logits[", h, "] = ", decision_logits[h],
                        " is not finite (sequence ", seq, ")");
-    } else {
-      detail::check_size("append: decision_logits (policy takes none)", decision_logits.size(), 0);
+    } else if (!decision_logits.empty()) {
+      detail::check_size("append: decision_logits", decision_logits.size(),
+                         std::size_t(cfg_.num_kv_heads));
     }
 
     // Phase 1: ask the policy and check capacity without touching anything.
@@ -210,6 +213,12 @@ class paged_cache {
     peak_total_ = std::max(peak_total_, live_total_);
   }
 
+  template <class In>
+    requires(!std::is_const_v<In>)
+  void append(int seq, std::span<In> k, std::span<In> v, std::span<const float> decision_logits = {},
+              bool in_prompt = false) {
+    append(seq, std::span<const In>(k), std::span<const In>(v), decision_logits, in_prompt);
+  }
   template <class In>
   void append(int seq, const std::vector<In>& k, const std::vector<In>& v,
               std::span<const float> decision_logits = {}, bool in_prompt = false) {

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <span>
+#include <vector>
 
 #include "dms/cache_config.hpp"
 #include "dms/config.hpp"
@@ -46,6 +47,12 @@ void take_decision_logits(std::span<T> q, std::span<float> logits, const cache_c
           q.data() + t * per_token + std::size_t(g) * cfg.group_size * cfg.head_dim, cfg.head_dim, r);
 }
 
+template <class T>
+void take_decision_logits(std::vector<T>& q, std::vector<float>& logits, const cache_config& cfg,
+                          decision_readout r = {}) {
+  take_decision_logits(std::span<T>(q), std::span<float>(logits), cfg, r);
+}
+
 /// After RoPE: zero channel d-1 of the first query head of every group again.
 template <class T>
 void zero_decision_channels(std::span<T> q, const cache_config& cfg) {
@@ -56,6 +63,11 @@ void zero_decision_channels(std::span<T> q, const cache_config& cfg) {
   for (std::size_t t = 0; t < q.size() / per_token; ++t)
     for (int g = 0; g < cfg.num_kv_heads; ++g)
       q[t * per_token + (std::size_t(g) * cfg.group_size + 1) * cfg.head_dim - 1] = from_float<T>(0.0f);
+}
+
+template <class T>
+void zero_decision_channels(std::vector<T>& q, const cache_config& cfg) {
+  zero_decision_channels(std::span<T>(q), cfg);
 }
 
 DMS_NAMESPACE_END

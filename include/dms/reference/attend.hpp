@@ -2,8 +2,9 @@
 #pragma once
 
 // The arithmetic core of the CPU reference: G query heads attend to n packed keys. fp32 all the
-// way, max-subtracted (stable) softmax, log-sum-exp out. Loops run over contiguous head_dim so
-// the compiler vectorizes them; keys are visited once for all G heads of the group.
+// way, max-subtracted (stable) softmax, log-sum-exp out. Keys come transposed ([d][n]) so the
+// logits accumulate across independent keys in the inner loop — that vectorizes without the
+// reassociation a per-key dot product would need — and values come [n][d] for the same reason.
 
 #include <algorithm>
 #include <cmath>
@@ -15,26 +16,26 @@
 DMS_NAMESPACE_BEGIN
 namespace reference {
 
-/// q: [G][d]; k, v: [n][d] packed; visible: [n] (nullptr = all visible).
+/// q: [G][d]; kt: [d][ldk] keys transposed (key j of channel c at kt[c * ldk + j]);
+/// v: [n][d] values; visible: [n] (nullptr = all visible).
 /// Writes out: [G][d], lse: [G] (natural log; -inf when nothing is visible, with out = 0) and
 /// probs: [G][n] normalized probabilities (0 for invisible keys). probs doubles as scratch.
-inline void attend_group(const float* q, int G, int d, const float* k, const float* v, int n,
-                         const std::uint8_t* visible, float scale, float* out, float* lse,
+inline void attend_group(const float* q, int G, int d, const float* kt, int ldk, const float* v,
+                         int n, const std::uint8_t* visible, float scale, float* out, float* lse,
                          float* probs) {
   std::fill(out, out + std::size_t(G) * d, 0.0f);
   for (int g = 0; g < G; ++g) {
     const float* qg = q + std::size_t(g) * d;
     float* pg = probs + std::size_t(g) * n;
+    std::fill(pg, pg + n, 0.0f);
+    for (int c = 0; c < d; ++c) {
+      const float qc = qg[c] * scale;
+      const float* kc = kt + std::size_t(c) * ldk;
+      for (int j = 0; j < n; ++j) pg[j] += qc * kc[j];
+    }
     float m = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < n; ++j) {
-      if (visible && !visible[j]) {
-        pg[j] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      const float* kj = k + std::size_t(j) * d;
-      float dot = 0.0f;
-      for (int c = 0; c < d; ++c) dot += qg[c] * kj[c];
-      pg[j] = dot * scale;
+      if (visible && !visible[j]) pg[j] = -std::numeric_limits<float>::infinity();
       m = std::max(m, pg[j]);
     }
     if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible

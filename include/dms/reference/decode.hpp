@@ -21,7 +21,7 @@ namespace reference {
 
 /// Optional outputs of decode_attention.
 struct decode_extras {
-  std::span<float> lse;                // [num_query_heads] log-sum-exp of the scaled logits
+  std::span<float> lse = {};           // [num_query_heads] log-sum-exp of the scaled logits
   std::vector<float>* probs = nullptr; // [num_query_heads][stride]: probability per slot, where
                                        // stride = longest row of the sequence; 0 if not read
   float softmax_scale = 0.0f;          // 0 = 1 / sqrt(head_dim)
@@ -69,12 +69,12 @@ void decode_attention(paged_cache<T, P>& cache, int seq, std::span<const float> 
       const T* ks = view.key(r, slots[j]);
       const T* vs = view.value(r, slots[j]);
       for (int c = 0; c < d; ++c) {
-        kbuf[std::size_t(j) * d + c] = to_float(ks[c]);
+        kbuf[std::size_t(c) * n + j] = to_float(ks[c]);  // transposed, see attend_group
         vbuf[std::size_t(j) * d + c] = to_float(vs[c]);
       }
     }
     probs.resize(std::size_t(G) * n);
-    attend_group(qg, G, d, kbuf.data(), vbuf.data(), n, nullptr, scale,
+    attend_group(qg, G, d, kbuf.data(), n, vbuf.data(), n, nullptr, scale,
                  out.data() + std::size_t(h) * G * d, lse.data(), probs.data());
     cache.record_reads(n);
     if (!extras.lse.empty()) std::copy(lse.begin(), lse.end(), extras.lse.begin() + std::size_t(h) * G);

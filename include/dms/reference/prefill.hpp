@@ -28,16 +28,17 @@ namespace reference {
 
 /// One chunk of a prompt, token-major.
 struct prefill_chunk_inputs {
-  std::span<const float> q;                // [tokens][num_query_heads][head_dim]
-  std::span<const float> k;                // [tokens][num_kv_heads][head_dim]
-  std::span<const float> v;                // [tokens][num_kv_heads][head_dim]
-  std::span<const float> decision_logits;  // [tokens][num_kv_heads] for DMS, else empty
+  std::span<const float> q = {};                // [tokens][num_query_heads][head_dim]
+  std::span<const float> k = {};                // [tokens][num_kv_heads][head_dim]
+  std::span<const float> v = {};                // [tokens][num_kv_heads][head_dim]
+  std::span<const float> decision_logits = {};  // [tokens][num_kv_heads]; ignored by policies
+                                                // that take none
   int padding = 0;                         // leading tokens that are left padding
 };
 
 struct prefill_outputs {
-  std::span<float> out;  // [tokens][num_query_heads][head_dim]
-  std::span<float> lse;  // [tokens][num_query_heads], optional
+  std::span<float> out = {};  // [tokens][num_query_heads][head_dim]
+  std::span<float> lse = {};  // [tokens][num_query_heads], optional
   float softmax_scale = 0.0f;
 };
 
@@ -71,8 +72,8 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
       if (!std::isfinite(in.decision_logits[i]))
         detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk, "] = ", in.decision_logits[i],
                      " is not finite");
-  } else {
-    detail::check_size("prefill: decision_logits (policy takes none)", in.decision_logits.size(), 0);
+  } else if (!in.decision_logits.empty()) {
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
   }
 
   const float scale = softmax_scale_or_default(o.softmax_scale, d);
@@ -106,7 +107,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
       const T* ks = view.key(r, cached_slots[j]);
       const T* vs = view.value(r, cached_slots[j]);
       for (int x = 0; x < d; ++x) {
-        kbuf[std::size_t(j) * d + x] = to_float(ks[x]);
+        kbuf[std::size_t(x) * m + j] = to_float(ks[x]);  // transposed, see attend_group
         vbuf[std::size_t(j) * d + x] = to_float(vs[x]);
       }
       pos[j] = row.position(cached_slots[j]);
@@ -114,7 +115,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
     for (int i = 0; i < n; ++i) {
       const std::size_t src = (std::size_t(in.padding + i) * Hk + h) * d;
       for (int x = 0; x < d; ++x) {
-        kbuf[std::size_t(c + i) * d + x] = to_float(from_float<T>(in.k[src + x]));
+        kbuf[std::size_t(x) * m + (c + i)] = to_float(from_float<T>(in.k[src + x]));
         vbuf[std::size_t(c + i) * d + x] = to_float(from_float<T>(in.v[src + x]));
       }
       pos[c + i] = t0 + i;
@@ -143,7 +144,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
           visible[j] = 1;
       }
       const std::size_t qoff = std::size_t(in.padding + i) * qrow + std::size_t(h) * G * d;
-      attend_group(in.q.data() + qoff, G, d, kbuf.data(), vbuf.data(), keys, visible.data(), scale,
+      attend_group(in.q.data() + qoff, G, d, kbuf.data(), m, vbuf.data(), keys, visible.data(), scale,
                    o.out.data() + qoff, lse.data(), probs.data());
       if (!o.lse.empty())
         std::copy(lse.begin(), lse.end(), o.lse.begin() + std::ptrdiff_t(in.padding + i) * H + h * G);
