@@ -42,6 +42,45 @@ struct prefill_outputs {
   float softmax_scale = 0.0f;
 };
 
+/// Throws unless the cache can take `n` more prompt tokens for `seq` (logits: [n][num_kv_heads]
+/// of those tokens, or empty), so a prefill that would run out of pages fails before it touches
+/// anything. Exact for every library policy: the training-free ones never evict inside the
+/// prompt, and DMS's reuses follow from the shift rule (the slot of token t-w-1 is reused iff that
+/// token is flagged). A user policy that evicts inside the prompt gets the no-eviction bound.
+template <storage_type T, class P>
+void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const float> logits, int n) {
+  const cache_config& cfg = cache.config();
+  const int Hk = cfg.num_kv_heads;
+  std::int64_t pages = 0;
+  for (int h = 0; h < Hk; ++h) {
+    auto row = cache.row(seq, h);
+    const std::int32_t t0 = row.tokens_seen();
+    int fresh = n;  // tokens that need a slot nobody frees for them
+    if constexpr (P::uses_decision_logits) {
+      const int w = cache.policy().window();
+      for (std::int32_t t = t0; t < t0 + n; ++t) {
+        const std::int32_t p = t - w - 1;
+        if (p < 0) continue;
+        const bool flagged = p >= t0 - 1 ? dms_rule::evicts(logits[std::size_t(p + 1 - t0) * Hk + h])
+                                         : cache.policy().flagged(row.state(), p, t0);
+        fresh -= flagged ? 1 : 0;
+      }
+    }
+    const int grow = std::max(0, fresh - (row.length() - row.live()));  // holes are refilled first
+    if (std::int64_t{row.length()} + grow > cfg.max_row_slots)
+      detail::fail("prefill: row of sequence ", seq, ", kv head ", h, " would need ",
+                          row.length() + grow, " slots (cache_config.max_row_slots = ",
+                          cfg.max_row_slots, ")");
+    pages += (row.length() + grow + cfg.page_size - 1) / cfg.page_size -
+             (row.length() + cfg.page_size - 1) / cfg.page_size;
+  }
+  const int free_pages = cfg.max_pages - cache.stats().pages_in_use;
+  if (pages > free_pages)
+    detail::fail("page pool exhausted: prefill of ", n, " tokens for sequence ", seq, " needs ",
+                        pages, " new pages, ", free_pages, " of cache_config.max_pages = ",
+                        cfg.max_pages, " are free");
+}
+
 /// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
 /// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt).
 template <storage_type T, class P>
@@ -75,6 +114,11 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   } else if (!in.decision_logits.empty()) {
     detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
   }
+
+  check_prompt_capacity(cache, seq,
+                                P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                                                        : std::span<const float>{},
+                                n);
 
   const float scale = softmax_scale_or_default(o.softmax_scale, d);
   const auto view = cache.view();
@@ -195,8 +239,28 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
   if (in.q.size() % qrow != 0)
     detail::fail("prefill: q has ", in.q.size(), " elements, not a multiple of num_query_heads * head_dim = ", qrow);
   const int tokens = int(in.q.size() / qrow);
+  // Validate the whole prompt before the first chunk runs, so a bad later chunk cannot leave the
+  // earlier ones applied.
+  detail::check_size("prefill: k", in.k.size(), tokens * krow);
+  detail::check_size("prefill: v", in.v.size(), tokens * krow);
+  detail::check_size("prefill: out", o.out.size(), tokens * qrow);
+  if (!o.lse.empty()) detail::check_size("prefill: lse", o.lse.size(), std::size_t(tokens) * H);
+  if (P::uses_decision_logits || !in.decision_logits.empty())
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
+  if constexpr (P::uses_decision_logits)
+    for (std::size_t i = std::size_t(in.padding) * Hk; i < in.decision_logits.size(); ++i)
+      if (!std::isfinite(in.decision_logits[i]))
+        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk, "] = ", in.decision_logits[i],
+                     " is not finite");
   detail::check_range("prefill: padding", in.padding, 0, tokens);
   const int prompt_length = cache.sequence(seq).row(0).tokens_seen() + tokens - in.padding;
+  if (in.padding > 0 && prompt_length - (tokens - in.padding) > 0)
+    detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ",
+                 prompt_length - (tokens - in.padding), " tokens; left padding must precede every real token");
+  check_prompt_capacity(cache, seq,
+                                P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                                                        : std::span<const float>{},
+                                tokens - in.padding);
   for (int begin = 0; begin < tokens; begin += chunk_size) {
     const int len = std::min(chunk_size, tokens - begin);
     const auto part = [&](auto span, std::size_t per) {
