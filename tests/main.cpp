@@ -9,9 +9,9 @@
 #include <catch2/catch.hpp>
 
 #if defined(DMS_TESTS_REQUIRE_CUDA_DEVICE)
-#include <cstdio>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdio>
 #endif
 
 int main(int argc, char* argv[]) {

@@ -4,9 +4,8 @@
 // token each policy drops is the one its rule names (checked against probabilities the reference
 // attention reports, or against a brute-force softmax for prompts).
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -42,12 +41,24 @@ struct tokens {
     for (int i = 0; i < T * Hk * d; ++i) k.push_back(normal(rng));
     for (int i = 0; i < T * Hk * d; ++i) v.push_back(normal(rng));
   }
-  std::span<const float> q_at(int t) const { return std::span(q).subspan(std::size_t(t) * Hq * d, std::size_t(Hq) * d); }
-  std::span<const float> k_at(int t) const { return std::span(k).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d); }
-  std::span<const float> v_at(int t) const { return std::span(v).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d); }
-  std::span<const float> q_first(int n) const { return std::span(q).first(std::size_t(n) * Hq * d); }
-  std::span<const float> k_first(int n) const { return std::span(k).first(std::size_t(n) * Hk * d); }
-  std::span<const float> v_first(int n) const { return std::span(v).first(std::size_t(n) * Hk * d); }
+  std::span<const float> q_at(int t) const {
+    return std::span(q).subspan(std::size_t(t) * Hq * d, std::size_t(Hq) * d);
+  }
+  std::span<const float> k_at(int t) const {
+    return std::span(k).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d);
+  }
+  std::span<const float> v_at(int t) const {
+    return std::span(v).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d);
+  }
+  std::span<const float> q_first(int n) const {
+    return std::span(q).first(std::size_t(n) * Hq * d);
+  }
+  std::span<const float> k_first(int n) const {
+    return std::span(k).first(std::size_t(n) * Hk * d);
+  }
+  std::span<const float> v_first(int n) const {
+    return std::span(v).first(std::size_t(n) * Hk * d);
+  }
 
   // Causal softmax of query head qh at position i over keys 0..i, in double.
   std::vector<double> probs(int qh, int i, int G) const {
@@ -82,7 +93,8 @@ std::vector<std::int32_t> range(int lo, int hi) {  // [lo, hi)
 }
 
 // Indices of the `n` largest scores (ties: the newer position wins), as sorted positions.
-std::vector<std::int32_t> top_positions(const std::vector<double>& score, const std::vector<std::int32_t>& pos, int n) {
+std::vector<std::int32_t> top_positions(const std::vector<double>& score,
+                                        const std::vector<std::int32_t>& pos, int n) {
   std::vector<std::size_t> idx(score.size());
   for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
   std::sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
@@ -97,8 +109,8 @@ std::vector<std::int32_t> top_positions(const std::vector<double>& score, const 
 // One decode step with the slot probabilities reported. Returns, per row, the position each slot
 // held when attention ran (the token evicted after attention included), or -1.
 template <class C>
-std::vector<std::vector<std::int32_t>> step(C& cache, int seq, const tokens& x, int t, std::vector<float>& probs,
-                                            int& stride) {
+std::vector<std::vector<std::int32_t>> step(C& cache, int seq, const tokens& x, int t,
+                                            std::vector<float>& probs, int& stride) {
   const int H = cache.config().num_kv_heads;
   std::vector<std::vector<std::int32_t>> before(H);
   for (int h = 0; h < H; ++h) before[h] = cache.positions(cache.row_index(seq, h));
@@ -138,7 +150,8 @@ float group_prob(const std::vector<float>& probs, int stride, int h, int G, int 
 }
 
 // The evicted slot of a row: live at attention, a hole now.
-int evicted_slot(const std::vector<std::int32_t>& at_attention, const std::vector<std::int32_t>& now) {
+int evicted_slot(const std::vector<std::int32_t>& at_attention,
+                 const std::vector<std::int32_t>& now) {
   int found = -1;
   for (std::size_t s = 0; s < at_attention.size(); ++s)
     if (at_attention[s] >= 0 && (s >= now.size() || now[s] < 0)) {
@@ -150,7 +163,8 @@ int evicted_slot(const std::vector<std::int32_t>& at_attention, const std::vecto
 
 }  // namespace
 
-TEST_CASE("TOVA holds its budget, peaks at budget + 1 and drops the least-attended token", "[budget][tova]") {
+TEST_CASE("TOVA holds its budget, peaks at budget + 1 and drops the least-attended token",
+          "[budget][tova]") {
   const auto ranking = GENERATE(dms::tova_ranking::per_kv_head, dms::tova_ranking::layer_average);
   const int budget = GENERATE(1, 5, 16);
   const int H = 3, G = 2, T = 60;
@@ -182,18 +196,21 @@ TEST_CASE("TOVA holds its budget, peaks at budget + 1 and drops the least-attend
           REQUIRE(dms::evicts_before(score(victim), att[h][victim], score(int(s)), att[h][s]));
     }
     for (int h = 1; h < H; ++h) {
-      const bool same = cache.positions(cache.row_index(seq, h)) == cache.positions(cache.row_index(seq, 0));
+      const bool same =
+          cache.positions(cache.row_index(seq, h)) == cache.positions(cache.row_index(seq, 0));
       if (ranking == dms::tova_ranking::layer_average) REQUIRE(same);  // slot for slot
       rows_differ = rows_differ || !same;
     }
   }
-  if (ranking == dms::tova_ranking::per_kv_head && budget > 1) REQUIRE(rows_differ);  // the data can tell
+  if (ranking == dms::tova_ranking::per_kv_head && budget > 1)
+    REQUIRE(rows_differ);  // the data can tell
   for (int h = 0; h < H; ++h) REQUIRE(cache.row_peak(cache.row_index(seq, h)) == budget + 1);
   REQUIRE(cache.stats().peak_live_slots == H * (budget + 1));
   REQUIRE(cache.stats().live_slots == H * budget);
 }
 
-TEST_CASE("H2O holds its budget, keeps the recent tokens and drops the lowest accumulated score", "[budget][h2o]") {
+TEST_CASE("H2O holds its budget, keeps the recent tokens and drops the lowest accumulated score",
+          "[budget][h2o]") {
   const int budget = GENERATE(4, 10);
   const int recent = GENERATE(0, 1, 3);
   const int H = 2, G = 3, T = 50;
@@ -210,7 +227,8 @@ TEST_CASE("H2O holds its budget, keeps the recent tokens and drops the lowest ac
     for (int h = 0; h < H; ++h) {
       const int r = cache.row_index(seq, h);
       for (std::size_t s = 0; s < att[h].size(); ++s)
-        if (att[h][s] >= 0) acc[h][att[h][s]] = acc[h][att[h][s]] + group_prob(probs, stride, h, G, int(s));
+        if (att[h][s] >= 0)
+          acc[h][att[h][s]] = acc[h][att[h][s]] + group_prob(probs, stride, h, G, int(s));
       REQUIRE(cache.row_live(r) == std::min(t + 1, budget));
       const auto now = held(cache, r);
       for (int j = std::max(0, t + 1 - recent); j <= t; ++j)
@@ -233,7 +251,8 @@ TEST_CASE("StreamingLLM keeps exactly the sinks and the newest R tokens", "[budg
   const int recent = GENERATE(1, 3, 8);
   const int H = 2, T = 40;
   const auto cfg = budget_config(H, 2, 4);
-  dms::paged_cache<float, dms::streaming_llm_policy> cache(cfg, dms::streaming_llm_policy({sinks, recent}));
+  dms::paged_cache<float, dms::streaming_llm_policy> cache(
+      cfg, dms::streaming_llm_policy({sinks, recent}));
   const tokens x(cfg, T, 27);
   const int seq = cache.add_sequence();
   std::vector<float> probs;
@@ -256,7 +275,8 @@ TEST_CASE("StreamingLLM keeps exactly the sinks and the newest R tokens", "[budg
 TEST_CASE("Budgets hold over a ragged batch", "[budget]") {
   const int H = 2, budget = 6;
   const auto cfg = budget_config(H, 2, 4);
-  dms::paged_cache<float, dms::tova_policy> cache(cfg, dms::tova_policy({budget, dms::tova_ranking::per_kv_head}));
+  dms::paged_cache<float, dms::tova_policy> cache(
+      cfg, dms::tova_policy({budget, dms::tova_ranking::per_kv_head}));
   const std::vector<int> lengths{3, 20, 9};
   std::vector<tokens> data;
   std::vector<int> ids;
@@ -270,19 +290,21 @@ TEST_CASE("Budgets hold over a ragged batch", "[budget]") {
     for (std::size_t i = 0; i < ids.size(); ++i)
       if (t < lengths[i]) {
         step(cache, ids[i], data[i], t, probs, stride);
-        for (int h = 0; h < H; ++h) REQUIRE(cache.row_live(cache.row_index(ids[i], h)) == std::min(t + 1, budget));
+        for (int h = 0; h < H; ++h)
+          REQUIRE(cache.row_live(cache.row_index(ids[i], h)) == std::min(t + 1, budget));
       }
   REQUIRE(cache.stats().live_slots == H * (3 + 6 + 6));
   REQUIRE(cache.stats().tokens_seen == H * (3 + 20 + 9));
 }
 
-// ---- prompts -------------------------------------------------------------------------------------
+// ---- prompts
+// -------------------------------------------------------------------------------------
 
 namespace {
 
 template <class P>
-dms::paged_cache<float, P> prefilled(const dms::cache_config& cfg, P policy, const tokens& x, int prompt, int chunk,
-                                     int& seq) {
+dms::paged_cache<float, P> prefilled(const dms::cache_config& cfg, P policy, const tokens& x,
+                                     int prompt, int chunk, int& seq) {
   dms::paged_cache<float, P> cache(cfg, std::move(policy));
   seq = cache.add_sequence();
   std::vector<float> out(std::size_t(prompt) * x.Hq * x.d);
@@ -305,18 +327,21 @@ void require_compacted(const C& cache, int seq, int expected) {
     REQUIRE(cache.row_live(r) == expected);
     REQUIRE(cache.row_length(r) == expected);
   }
-  REQUIRE(cache.stats().pages_in_use == cfg.num_kv_heads * ((expected + cfg.page_size - 1) / cfg.page_size));
+  REQUIRE(cache.stats().pages_in_use ==
+          cfg.num_kv_heads * ((expected + cfg.page_size - 1) / cfg.page_size));
 }
 
 }  // namespace
 
-TEST_CASE("TOVA prompt: the budget tokens the last prompt query attends to most", "[budget][tova][prefill]") {
+TEST_CASE("TOVA prompt: the budget tokens the last prompt query attends to most",
+          "[budget][tova][prefill]") {
   const int H = 2, G = 2, T = 40, budget = 12;
   const int chunk = GENERATE(1, 7, 40);
   const auto cfg = budget_config(H, G, 8);
   const tokens x(cfg, T + 10, 51);
   int seq = 0;
-  auto cache = prefilled(cfg, dms::tova_policy({budget, dms::tova_ranking::per_kv_head}), x, T, chunk, seq);
+  auto cache =
+      prefilled(cfg, dms::tova_policy({budget, dms::tova_ranking::per_kv_head}), x, T, chunk, seq);
   require_compacted(cache, seq, budget);
   for (int h = 0; h < H; ++h) {
     std::vector<double> score(T, 0.0);
@@ -334,12 +359,14 @@ TEST_CASE("TOVA prompt: the budget tokens the last prompt query attends to most"
   }
 }
 
-TEST_CASE("TOVA layer_average prompt keeps the same positions in every row", "[budget][tova][prefill]") {
+TEST_CASE("TOVA layer_average prompt keeps the same positions in every row",
+          "[budget][tova][prefill]") {
   const int H = 3, G = 2, T = 30, budget = 8;
   const auto cfg = budget_config(H, G, 8);
   const tokens x(cfg, T, 52);
   int seq = 0;
-  auto cache = prefilled(cfg, dms::tova_policy({budget, dms::tova_ranking::layer_average}), x, T, 5, seq);
+  auto cache =
+      prefilled(cfg, dms::tova_policy({budget, dms::tova_ranking::layer_average}), x, T, 5, seq);
   require_compacted(cache, seq, budget);
   std::vector<double> score(T, 0.0);
   for (int qh = 0; qh < H * G; ++qh) {
@@ -380,12 +407,14 @@ TEST_CASE("H2O prompt: the recent tokens plus the heaviest column sums", "[budge
     for (int h = 0; h < H; ++h) {
       const auto now = held(cache, cache.row_index(seq, h));
       REQUIRE(now.size() == std::size_t(budget));
-      for (int j = t + 1 - recent; j <= t; ++j) REQUIRE(std::find(now.begin(), now.end(), j) != now.end());
+      for (int j = t + 1 - recent; j <= t; ++j)
+        REQUIRE(std::find(now.begin(), now.end(), j) != now.end());
     }
   }
 }
 
-TEST_CASE("StreamingLLM prompt: sinks and the last R prompt tokens, then the window slides", "[budget][streaming][prefill]") {
+TEST_CASE("StreamingLLM prompt: sinks and the last R prompt tokens, then the window slides",
+          "[budget][streaming][prefill]") {
   const int H = 2, T = 30, sinks = 2, recent = 6;
   const int chunk = GENERATE(1, 4, 30);
   const auto cfg = budget_config(H, 1, 4);
@@ -420,7 +449,8 @@ TEST_CASE("A prompt within the budget is kept whole", "[budget][prefill]") {
   REQUIRE(held(snap, snap.row_index(seq, 1)) == range(0, 6));
 }
 
-TEST_CASE("SnapKV keeps the observation window and the top pooled votes, to capacity", "[budget][snapkv][prefill]") {
+TEST_CASE("SnapKV keeps the observation window and the top pooled votes, to capacity",
+          "[budget][snapkv][prefill]") {
   const int H = 2, G = 2, T = 48, capacity = 16, window = 5;
   const auto pooling = GENERATE(dms::snapkv_pooling::max, dms::snapkv_pooling::avg);
   const int kernel = GENERATE(1, 3, 7);
@@ -428,7 +458,8 @@ TEST_CASE("SnapKV keeps the observation window and the top pooled votes, to capa
   const auto cfg = budget_config(H, G, 8);
   const tokens x(cfg, T + 5, 91);
   int seq = 0;
-  auto cache = prefilled(cfg, dms::snapkv_policy({capacity, window, kernel, pooling}), x, T, chunk, seq);
+  auto cache =
+      prefilled(cfg, dms::snapkv_policy({capacity, window, kernel, pooling}), x, T, chunk, seq);
   CAPTURE(int(pooling), kernel, chunk);
   require_compacted(cache, seq, capacity);
   const int prefix = T - window;
@@ -443,7 +474,8 @@ TEST_CASE("SnapKV keeps the observation window and the top pooled votes, to capa
     // 1-D pooling over prefix positions, padded like torch (max: -inf, avg: zeros / kernel).
     std::vector<double> pooled(prefix);
     for (int j = 0; j < prefix; ++j) {
-      double acc = pooling == dms::snapkv_pooling::max ? -std::numeric_limits<double>::infinity() : 0.0;
+      double acc =
+          pooling == dms::snapkv_pooling::max ? -std::numeric_limits<double>::infinity() : 0.0;
       for (int i = j - kernel / 2; i <= j + kernel / 2; ++i) {
         if (i < 0 || i >= prefix) continue;
         acc = pooling == dms::snapkv_pooling::max ? std::max(acc, votes[i]) : acc + votes[i];
@@ -459,6 +491,7 @@ TEST_CASE("SnapKV keeps the observation window and the top pooled votes, to capa
   int stride = 0;
   for (int t = T; t < T + 5; ++t) {
     step(cache, seq, x, t, probs, stride);
-    for (int h = 0; h < H; ++h) REQUIRE(cache.row_live(cache.row_index(seq, h)) == capacity + t - T + 1);
+    for (int h = 0; h < H; ++h)
+      REQUIRE(cache.row_live(cache.row_index(seq, h)) == capacity + t - T + 1);
   }
 }

@@ -3,9 +3,8 @@
 // and views. The dense policy is used throughout, so tokens leave a row only through explicit
 // row_ref::evict calls made by the test.
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstring>
 #include <set>
@@ -31,8 +30,12 @@ dms::cache_config small_config(int kv_heads, int head_dim, int page_size) {
 
 // Channel c of the key of token `pos` in KV head h of sequence s. Distinct for every argument, so
 // a key read back names the token it belongs to. Values are the negation.
-float key_of(int seq, int h, int pos, int c) { return float(seq * 100000 + pos * 100 + h * 10 + c) / 8.0f; }
-float value_of(int seq, int h, int pos, int c) { return -key_of(seq, h, pos, c); }
+float key_of(int seq, int h, int pos, int c) {
+  return float(seq * 100000 + pos * 100 + h * 10 + c) / 8.0f;
+}
+float value_of(int seq, int h, int pos, int c) {
+  return -key_of(seq, h, pos, c);
+}
 
 template <class T, class P>
 void append_token(dms::paged_cache<T, P>& cache, int seq, int pos) {
@@ -109,15 +112,16 @@ TEST_CASE("cache_config: defaults are valid and derived sizes follow the fields"
   lo.max_sequences = 1;
   lo.max_row_slots = 1;
   REQUIRE_NOTHROW(lo.validate());
-  dms::cache_config hi = small_config(1, dms::cache_config::max_head_dim, dms::cache_config::max_page_size);
+  dms::cache_config hi =
+      small_config(1, dms::cache_config::max_head_dim, dms::cache_config::max_page_size);
   hi.group_size = dms::cache_config::max_group_size;
   REQUIRE_NOTHROW(hi.validate());
 
   // Each field is checked (the messages are covered in test_errors.cpp).
-  for (auto field : {&dms::cache_config::num_kv_heads, &dms::cache_config::group_size,
-                     &dms::cache_config::head_dim, &dms::cache_config::page_size,
-                     &dms::cache_config::max_pages, &dms::cache_config::max_sequences,
-                     &dms::cache_config::max_row_slots}) {
+  for (auto field :
+       {&dms::cache_config::num_kv_heads, &dms::cache_config::group_size,
+        &dms::cache_config::head_dim, &dms::cache_config::page_size, &dms::cache_config::max_pages,
+        &dms::cache_config::max_sequences, &dms::cache_config::max_row_slots}) {
     dms::cache_config bad = small_config(2, 4, 4);
     bad.*field = 0;
     REQUIRE_THROWS_AS(bad.validate(), dms::error);
@@ -183,7 +187,7 @@ TEST_CASE("an evicted slot is a hole that the next append refills, last hole fir
   append_token(cache, s, 11);  // then slot 2
   REQUIRE(cache.positions(r0) == std::vector<std::int32_t>{0, 1, 11, 3, 4, 10, 6, 7, 8, 9});
   REQUIRE(cache.stats().pages_in_use == pages);  // row 1 grew to 12 slots within its 3rd page
-  append_token(cache, s, 12);  // no holes left: the row grows
+  append_token(cache, s, 12);                    // no holes left: the row grows
   REQUIRE(cache.positions(r0) == std::vector<std::int32_t>{0, 1, 11, 3, 4, 10, 6, 7, 8, 9, 12});
   REQUIRE(cache.row_live(r0) == 11);
   REQUIRE(cache.positions(r1) == iota_positions(13));
@@ -311,7 +315,8 @@ TEST_CASE("a ragged batch: sequences of different lengths advance independently"
   REQUIRE(st.compression_ratio == Approx(1.0));
 }
 
-TEST_CASE("accounting: tokens seen, live and peak slots, reads and the compression ratio", "[cache]") {
+TEST_CASE("accounting: tokens seen, live and peak slots, reads and the compression ratio",
+          "[cache]") {
   const int H = 2;
   dms::paged_cache<float> cache(small_config(H, 4, 4));
   {
@@ -377,8 +382,9 @@ TEST_CASE("cache_view is a trivially copyable, non-owning view", "[cache][view]"
   STATIC_REQUIRE(std::is_trivially_copyable_v<dms::cache_view<dms::bfloat16>>);
   STATIC_REQUIRE(std::is_trivially_copyable_v<dms::cache_view<const dms::half>>);
   STATIC_REQUIRE(std::is_trivially_copyable_v<dms::cache_view<const dms::bfloat16>>);
-  STATIC_REQUIRE(std::is_same_v<decltype(std::declval<const dms::cache_view<const float>&>().key(0, 0)),
-                                const float*>);
+  STATIC_REQUIRE(
+      std::is_same_v<decltype(std::declval<const dms::cache_view<const float>&>().key(0, 0)),
+                     const float*>);
 }
 
 TEMPLATE_TEST_CASE("view().key/value point at what append wrote, rounded to the storage type",
@@ -388,7 +394,9 @@ TEMPLATE_TEST_CASE("view().key/value point at what append wrote, rounded to the 
   dms::paged_cache<T> cache(small_config(H, d, 4));
   const int s0 = cache.add_sequence(), s1 = cache.add_sequence();
   // Values that are not representable in 16 bits, so the rounding shows.
-  const auto k_in = [](int s, int h, int t, int c) { return 0.1f * float(t + 1) + 0.013f * float(c) - 0.7f * float(h + s); };
+  const auto k_in = [](int s, int h, int t, int c) {
+    return 0.1f * float(t + 1) + 0.013f * float(c) - 0.7f * float(h + s);
+  };
   const auto v_in = [](int s, int h, int t, int c) { return 1.0f / float(3 + t + c + h + s); };
   for (int t = 0; t < 7; ++t)
     for (int s : {s0, s1}) {

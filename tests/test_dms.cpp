@@ -8,9 +8,8 @@
 // which is also the set of keys query t may see (rule 4), so attention outputs are compared with a
 // brute-force softmax over that set. Also: reading the logits out of the query (dms_decision.hpp).
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -43,7 +42,8 @@ cache_t make_cache(const dms::cache_config& cfg, int window) {
   return cache_t(cfg, dms::dms_policy(dms::dms_params{window}));
 }
 
-// Q/K/V and decision logits of one synthetic sequence, token-major, with logit(t, h) chosen by the test.
+// Q/K/V and decision logits of one synthetic sequence, token-major, with logit(t, h) chosen by the
+// test.
 struct sequence_data {
   int T = 0, Hq = 0, Hk = 0, d = 0;
   std::vector<float> q, k, v, logits;  // [T][Hq][d], [T][Hk][d], [T][Hk][d], [T][Hk]
@@ -60,10 +60,18 @@ struct sequence_data {
       for (int h = 0; h < Hk; ++h) logits.push_back(logit(t, h));
   }
 
-  std::span<const float> q_at(int t) const { return std::span(q).subspan(std::size_t(t) * Hq * d, std::size_t(Hq) * d); }
-  std::span<const float> k_at(int t) const { return std::span(k).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d); }
-  std::span<const float> v_at(int t) const { return std::span(v).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d); }
-  std::span<const float> logits_at(int t) const { return std::span(logits).subspan(std::size_t(t) * Hk, std::size_t(Hk)); }
+  std::span<const float> q_at(int t) const {
+    return std::span(q).subspan(std::size_t(t) * Hq * d, std::size_t(Hq) * d);
+  }
+  std::span<const float> k_at(int t) const {
+    return std::span(k).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d);
+  }
+  std::span<const float> v_at(int t) const {
+    return std::span(v).subspan(std::size_t(t) * Hk * d, std::size_t(Hk) * d);
+  }
+  std::span<const float> logits_at(int t) const {
+    return std::span(logits).subspan(std::size_t(t) * Hk, std::size_t(Hk));
+  }
   float logit(int t, int h) const { return logits[std::size_t(t) * Hk + h]; }
 };
 
@@ -97,7 +105,8 @@ void decode(cache_t& cache, int seq, const sequence_data& s, int t, std::vector<
   lse.assign(std::size_t(s.Hq), 0.0f);
   dms::reference::decode_extras extras;
   extras.lse = lse;
-  dms::reference::decode_step(cache, seq, s.q_at(t), s.k_at(t), s.v_at(t), s.logits_at(t), out, extras);
+  dms::reference::decode_step(cache, seq, s.q_at(t), s.k_at(t), s.v_at(t), s.logits_at(t), out,
+                              extras);
 }
 
 void decode(cache_t& cache, int seq, const sequence_data& s, int t) {
@@ -106,8 +115,8 @@ void decode(cache_t& cache, int seq, const sequence_data& s, int t) {
 }
 
 // Brute-force attention of query head qh of token t over the given key positions (double).
-void brute_attention(const sequence_data& s, int G, int t, int qh, const std::vector<std::int32_t>& keys,
-                     std::vector<double>& out, double& lse) {
+void brute_attention(const sequence_data& s, int G, int t, int qh,
+                     const std::vector<std::int32_t>& keys, std::vector<double>& out, double& lse) {
   const int h = qh / G, d = s.d;
   const double scale = 1.0 / std::sqrt(double(d));
   std::vector<double> logit;
@@ -115,7 +124,8 @@ void brute_attention(const sequence_data& s, int G, int t, int qh, const std::ve
   for (int j : keys) {
     double dot = 0;
     for (int c = 0; c < d; ++c)
-      dot += double(s.q[(std::size_t(t) * s.Hq + qh) * d + c]) * s.k[(std::size_t(j) * s.Hk + h) * d + c];
+      dot += double(s.q[(std::size_t(t) * s.Hq + qh) * d + c]) *
+             s.k[(std::size_t(j) * s.Hk + h) * d + c];
     logit.push_back(dot * scale);
     m = std::max(m, logit.back());
   }
@@ -123,17 +133,20 @@ void brute_attention(const sequence_data& s, int G, int t, int qh, const std::ve
   for (double& x : logit) sum += (x = std::exp(x - m));
   out.assign(d, 0.0);
   for (std::size_t i = 0; i < keys.size(); ++i)
-    for (int c = 0; c < d; ++c) out[c] += logit[i] / sum * s.v[(std::size_t(keys[i]) * s.Hk + h) * d + c];
+    for (int c = 0; c < d; ++c)
+      out[c] += logit[i] / sum * s.v[(std::size_t(keys[i]) * s.Hk + h) * d + c];
   lse = m + std::log(sum);
 }
 
 // The attention output of token t (all query heads) equals brute force over the visible keys.
-void require_attention_matches(const sequence_data& s, int G, int w, int t, const float* out, const float* lse) {
+void require_attention_matches(const sequence_data& s, int G, int w, int t, const float* out,
+                               const float* lse) {
   std::vector<double> ref;
   double ref_lse = 0;
   for (int qh = 0; qh < s.Hq; ++qh) {
     brute_attention(s, G, t, qh, expected_positions(s, qh / G, t, w), ref, ref_lse);
-    for (int c = 0; c < s.d; ++c) REQUIRE(out[std::size_t(qh) * s.d + c] == Approx(ref[c]).margin(1e-5));
+    for (int c = 0; c < s.d; ++c)
+      REQUIRE(out[std::size_t(qh) * s.d + c] == Approx(ref[c]).margin(1e-5));
     if (lse) REQUIRE(lse[qh] == Approx(ref_lse).margin(1e-5));
   }
 }
@@ -145,7 +158,8 @@ TEST_CASE("DMS shift rule: the logit of token t flags token t-1", "[dms]") {
   const auto cfg = dms_config(2, 1, 4);
   // Head 0: only token 5 carries an eviction logit, so only token 4 is flagged.
   // Head 1: only token 0 does, which flags nothing.
-  const sequence_data s(cfg, T, 1, [](int t, int h) { return (h == 0 ? t == 5 : t == 0) ? kEvict : kKeep; });
+  const sequence_data s(cfg, T, 1,
+                        [](int t, int h) { return (h == 0 ? t == 5 : t == 0) ? kEvict : kKeep; });
   auto cache = make_cache(cfg, w);
   const int seq = cache.add_sequence();
   const int r0 = cache.row_index(seq, 0), r1 = cache.row_index(seq, 1);
@@ -181,7 +195,8 @@ TEST_CASE("DMS: the first token's logit applies to nothing", "[dms]") {
   const int p = prefilled.add_sequence();
   std::vector<float> out(s.q.size()), lse(9);
   dms::reference::prefill(prefilled, p, {s.q, s.k, s.v, s.logits}, 3, {out, lse});
-  for (int t = 0; t < 9; ++t) require_attention_matches(s, 1, w, t, out.data() + t * 4, lse.data() + t);
+  for (int t = 0; t < 9; ++t)
+    require_attention_matches(s, 1, w, t, out.data() + t * 4, lse.data() + t);
   REQUIRE(held_positions(prefilled, 0).size() == 9u);
 }
 
@@ -254,7 +269,8 @@ TEST_CASE("DMS with random decisions: memory matches the spec at every step", "[
   std::bernoulli_distribution evict(p_evict);
   std::vector<float> logit_table;
   for (int i = 0; i < T * H; ++i) logit_table.push_back(evict(rng) ? kEvict : kKeep);
-  const sequence_data s(cfg, T, seed, [&](int t, int h) { return logit_table[std::size_t(t) * H + h]; });
+  const sequence_data s(cfg, T, seed,
+                        [&](int t, int h) { return logit_table[std::size_t(t) * H + h]; });
   auto cache = make_cache(cfg, w);
   const int seq = cache.add_sequence();
   for (int t = 0; t < T; ++t) {
@@ -278,9 +294,8 @@ TEST_CASE("DMS compression ratio is 1 / mean(live / seen) over rows", "[dms]") {
   const auto cfg = dms_config(2, 1, 4);
   // Head 0 flags everything: holds tokens 8, 9. Head 1: even tokens >= 2 flag their odd
   // predecessors 1, 3, 5, 7, all out of the window by t = 9: holds 6 of 10.
-  const sequence_data s(cfg, T, 7, [](int t, int h) {
-    return h == 0 || (t % 2 == 0 && t >= 2) ? kEvict : kKeep;
-  });
+  const sequence_data s(
+      cfg, T, 7, [](int t, int h) { return h == 0 || (t % 2 == 0 && t >= 2) ? kEvict : kKeep; });
   auto cache = make_cache(cfg, w);
   const int seq = cache.add_sequence();
   for (int t = 0; t < T; ++t) decode(cache, seq, s, t);
@@ -343,7 +358,8 @@ TEST_CASE("DMS decode attention under GQA reads exactly the visible keys", "[dms
   const int G = GENERATE(1, 4, 8);
   const int w = 4, T = 30, H = 2;
   const auto cfg = dms_config(H, G, 8);
-  const sequence_data s(cfg, T, 21 + unsigned(G), [](int t, int h) { return (t * (h + 2)) % 3 ? kEvict : kKeep; });
+  const sequence_data s(cfg, T, 21 + unsigned(G),
+                        [](int t, int h) { return (t * (h + 2)) % 3 ? kEvict : kKeep; });
   auto cache = make_cache(cfg, w);
   const int seq = cache.add_sequence();
   std::vector<float> out, lse;
@@ -357,25 +373,30 @@ TEST_CASE("DMS decode attention under GQA reads exactly the visible keys", "[dms
   }
 }
 
-TEST_CASE("DMS prefill applies the same rule, in any chunking, and decode continues it", "[dms][prefill]") {
+TEST_CASE("DMS prefill applies the same rule, in any chunking, and decode continues it",
+          "[dms][prefill]") {
   const int w = 3, T = 23, H = 2, G = 2, extra = 10;
   const auto cfg = dms_config(H, G, 8);
   std::mt19937 rng(31);
   std::bernoulli_distribution evict(0.6);
   std::vector<float> table;
   for (int i = 0; i < (T + extra) * H; ++i) table.push_back(evict(rng) ? kEvict : kKeep);
-  const sequence_data s(cfg, T + extra, 32, [&](int t, int h) { return table[std::size_t(t) * H + h]; });
+  const sequence_data s(cfg, T + extra, 32,
+                        [&](int t, int h) { return table[std::size_t(t) * H + h]; });
   const std::size_t qrow = std::size_t(H) * G * cfg.head_dim, krow = std::size_t(H) * cfg.head_dim;
 
   const int chunk = GENERATE(1, 4, 7, 23);
   auto cache = make_cache(cfg, w);
   const int seq = cache.add_sequence();
   std::vector<float> out(T * qrow), lse(std::size_t(T) * H * G);
-  dms::reference::prefill_chunk_inputs in{std::span(s.q).first(T * qrow), std::span(s.k).first(T * krow),
-                                          std::span(s.v).first(T * krow), std::span(s.logits).first(std::size_t(T) * H)};
+  dms::reference::prefill_chunk_inputs in{
+      std::span(s.q).first(T * qrow), std::span(s.k).first(T * krow),
+      std::span(s.v).first(T * krow), std::span(s.logits).first(std::size_t(T) * H)};
   dms::reference::prefill(cache, seq, in, chunk, {out, lse});
   CAPTURE(chunk);
-  for (int t = 0; t < T; ++t) require_attention_matches(s, G, w, t, out.data() + t * qrow, lse.data() + std::size_t(t) * H * G);
+  for (int t = 0; t < T; ++t)
+    require_attention_matches(s, G, w, t, out.data() + t * qrow,
+                              lse.data() + std::size_t(t) * H * G);
   for (int h = 0; h < H; ++h) {
     const int r = cache.row_index(seq, h);
     REQUIRE(held_positions(cache, r) == expected_positions(s, h, T - 1, w));
@@ -408,9 +429,11 @@ TEST_CASE("DMS prefill: left padding is no token at all", "[dms][prefill]") {
   std::vector<float> out((T + pad) * qrow, 1.0f), lse(std::size_t(T + pad) * H * G, 1.0f);
   dms::reference::prefill(cache, seq, {q, k, v, logits, pad}, 2, {out, lse});
   for (std::size_t i = 0; i < pad * qrow; ++i) REQUIRE(out[i] == 0.0f);
-  for (std::size_t i = 0; i < std::size_t(pad) * H * G; ++i) REQUIRE(lse[i] == -std::numeric_limits<float>::infinity());
+  for (std::size_t i = 0; i < std::size_t(pad) * H * G; ++i)
+    REQUIRE(lse[i] == -std::numeric_limits<float>::infinity());
   for (int t = 0; t < T; ++t)
-    require_attention_matches(s, G, w, t, out.data() + (pad + t) * qrow, lse.data() + std::size_t(pad + t) * H * G);
+    require_attention_matches(s, G, w, t, out.data() + (pad + t) * qrow,
+                              lse.data() + std::size_t(pad + t) * H * G);
   REQUIRE(held_positions(cache, 0) == expected_positions(s, 0, T - 1, w));
   REQUIRE(cache.tokens_seen(0) == T);
 }
@@ -459,8 +482,9 @@ dms::cache_config readout_config() {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("take_decision_logits reads channel d-1 of each group's first head and zeroes it",
-                   "[dms][decision]", float, dms::half, dms::bfloat16) {
+TEMPLATE_TEST_CASE(
+    "take_decision_logits reads channel d-1 of each group's first head and zeroes it",
+    "[dms][decision]", float, dms::half, dms::bfloat16) {
   using T = TestType;
   const auto cfg = readout_config();
   const int tokens = 2, d = cfg.head_dim, G = cfg.group_size;
@@ -476,19 +500,22 @@ TEMPLATE_TEST_CASE("take_decision_logits reads channel d-1 of each group's first
     std::vector<float> logits(tokens * 2, -1.0f);
     dms::take_decision_logits(std::span<T>(q), std::span<float>(logits), cfg);
     for (int t = 0; t < tokens; ++t)
-      for (int g = 0; g < 2; ++g) REQUIRE(logits[t * 2 + g] == Approx(100.0f * carried[t][g] - 5.0f));
+      for (int g = 0; g < 2; ++g)
+        REQUIRE(logits[t * 2 + g] == Approx(100.0f * carried[t][g] - 5.0f));
     REQUIRE(logits[0] == 1.25f);  // 100 * 0.0625 - 5
     REQUIRE(q == expected_q);     // channel d-1 of heads 0 and G zeroed, nothing else touched
   }
   SECTION("configurable scale and offset") {
     std::vector<float> logits(tokens * 2);
-    dms::take_decision_logits(std::span<T>(q), std::span<float>(logits), cfg, dms::decision_readout{2.0f, 0.5f});
+    dms::take_decision_logits(std::span<T>(q), std::span<float>(logits), cfg,
+                              dms::decision_readout{2.0f, 0.5f});
     for (int t = 0; t < tokens; ++t)
       for (int g = 0; g < 2; ++g) REQUIRE(logits[t * 2 + g] == 2.0f * carried[t][g] - 0.5f);
     REQUIRE(q == expected_q);
   }
   SECTION("a single head") {
-    T head[4] = {dms::from_float<T>(1.0f), dms::from_float<T>(2.0f), dms::from_float<T>(3.0f), dms::from_float<T>(0.5f)};
+    T head[4] = {dms::from_float<T>(1.0f), dms::from_float<T>(2.0f), dms::from_float<T>(3.0f),
+                 dms::from_float<T>(0.5f)};
     REQUIRE(dms::take_decision_logit(head, 4, dms::decision_readout{10.0f, 1.0f}) == 4.0f);
     REQUIRE(dms::to_float(head[3]) == 0.0f);
     REQUIRE(dms::to_float(head[2]) == 3.0f);
@@ -504,7 +531,8 @@ TEMPLATE_TEST_CASE("zero_decision_channels touches only channel d-1 of each grou
     if (dms::to_float(x) == 0.0f) x = dms::from_float<T>(0.75f);  // no zeros to start with
   auto expected = q;
   for (int t = 0; t < 3; ++t)
-    for (int g = 0; g < 2; ++g) q_at(expected, cfg, t, g * cfg.group_size, cfg.head_dim - 1) = dms::from_float<T>(0.0f);
+    for (int g = 0; g < 2; ++g)
+      q_at(expected, cfg, t, g * cfg.group_size, cfg.head_dim - 1) = dms::from_float<T>(0.0f);
   dms::zero_decision_channels(std::span<T>(q), cfg);
   REQUIRE(q == expected);
 }

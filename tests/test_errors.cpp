@@ -4,7 +4,6 @@
 // call afterwards works as if nothing had happened.
 
 #include <catch2/catch.hpp>
-
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -53,9 +52,11 @@ snapshot snapshot_of(const dms::paged_cache<T, P>& cache) {
     for (int h = 0; h < cache.config().num_kv_heads; ++h) {
       const int r = cache.row_index(seq, h);
       s.positions.push_back(cache.positions(r));
-      s.counters.insert(s.counters.end(), {cache.row_length(r), cache.row_live(r), cache.row_peak(r), cache.tokens_seen(r)});
+      s.counters.insert(s.counters.end(), {cache.row_length(r), cache.row_live(r),
+                                           cache.row_peak(r), cache.tokens_seen(r)});
       for (int slot = 0; slot < cache.row_length(r); ++slot)
-        for (int c = 0; c < cache.config().head_dim; ++c) s.keys.push_back(dms::to_float(view.key(r, slot)[c]));
+        for (int c = 0; c < cache.config().head_dim; ++c)
+          s.keys.push_back(dms::to_float(view.key(r, slot)[c]));
     }
   return s;
 }
@@ -125,7 +126,8 @@ TEST_CASE("errors: every invalid cache_config field is named with its value", "[
     DYNAMIC_SECTION(c.name << " = " << c.value) {
       dms::cache_config cfg = ok;
       cfg.*c.field = c.value;
-      const auto message = Contains(std::string("cache_config.") + c.name + " = " + std::to_string(c.value));
+      const auto message =
+          Contains(std::string("cache_config.") + c.name + " = " + std::to_string(c.value));
       REQUIRE_THROWS_AS(cfg.validate(), dms::error);
       REQUIRE_THROWS_WITH(cfg.validate(), message);
       REQUIRE_THROWS_WITH((dms::paged_cache<float>(cfg)), message);
@@ -143,7 +145,8 @@ TEST_CASE("errors: every invalid cache_config field is named with its value", "[
   SECTION("the message is prefixed and gives the valid range") {
     dms::cache_config cfg = ok;
     cfg.head_dim = 0;
-    REQUIRE_THROWS_WITH(cfg.validate(), "dms: cache_config.head_dim = 0 is outside the valid range [1, 1024]");
+    REQUIRE_THROWS_WITH(cfg.validate(),
+                        "dms: cache_config.head_dim = 0 is outside the valid range [1, 1024]");
   }
 }
 
@@ -156,13 +159,16 @@ TEST_CASE("errors: invalid policy parameters are named with their value", "[erro
   REQUIRE_THROWS_WITH(dms::tova_policy(dms::tova_params{-3, dms::tova_ranking::layer_average}),
                       Contains("tova_params.budget = -3"));
 
-  REQUIRE_THROWS_WITH(dms::h2o_policy(dms::h2o_params{3, 4}), Contains("h2o_params.budget = 3") && Contains("recent = 4"));
+  REQUIRE_THROWS_WITH(dms::h2o_policy(dms::h2o_params{3, 4}),
+                      Contains("h2o_params.budget = 3") && Contains("recent = 4"));
   REQUIRE_THROWS_WITH(dms::h2o_policy(dms::h2o_params{0, 0}), Contains("h2o_params.budget = 0"));
   REQUIRE_THROWS_WITH(dms::h2o_policy(dms::h2o_params{8, -1}), Contains("h2o_params.recent = -1"));
   REQUIRE_NOTHROW(dms::h2o_policy(dms::h2o_params{4, 4}));
 
-  REQUIRE_THROWS_WITH(dms::streaming_llm_policy(dms::streaming_params{4, 0}), Contains("streaming_params.recent = 0"));
-  REQUIRE_THROWS_WITH(dms::streaming_llm_policy(dms::streaming_params{-1, 8}), Contains("streaming_params.sinks = -1"));
+  REQUIRE_THROWS_WITH(dms::streaming_llm_policy(dms::streaming_params{4, 0}),
+                      Contains("streaming_params.recent = 0"));
+  REQUIRE_THROWS_WITH(dms::streaming_llm_policy(dms::streaming_params{-1, 8}),
+                      Contains("streaming_params.sinks = -1"));
 
   REQUIRE_THROWS_WITH(dms::snapkv_policy(dms::snapkv_params{4, 8, 7, dms::snapkv_pooling::max}),
                       Contains("snapkv_params.capacity = 4") && Contains("window = 8"));
@@ -171,9 +177,12 @@ TEST_CASE("errors: invalid policy parameters are named with their value", "[erro
   REQUIRE_THROWS_WITH(dms::snapkv_policy(dms::snapkv_params{64, 0, 7, dms::snapkv_pooling::max}),
                       Contains("snapkv_params.window = 0"));
 
-  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{0, 0, 2}), Contains("quest_params.token_budget = 0"));
-  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{64, -1, 2}), Contains("quest_params.layer = -1"));
-  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{64, 0, -2}), Contains("quest_params.dense_layers = -2"));
+  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{0, 0, 2}),
+                      Contains("quest_params.token_budget = 0"));
+  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{64, -1, 2}),
+                      Contains("quest_params.layer = -1"));
+  REQUIRE_THROWS_WITH(dms::quest_policy(dms::quest_params{64, 0, -2}),
+                      Contains("quest_params.dense_layers = -2"));
 }
 
 TEST_CASE("errors: unknown sequence ids", "[errors]") {
@@ -182,30 +191,44 @@ TEST_CASE("errors: unknown sequence ids", "[errors]") {
   append_valid(cache, removed);
   cache.remove_sequence(removed);
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const std::vector<float> q(qn, 0.5f), k(kn, 0.5f), logits(cfg.num_kv_heads, -1.0f);
   std::vector<float> out(qn);
 
   for (const int id : {removed, -1, cfg.max_sequences, 1000}) {
     DYNAMIC_SECTION("id " << id) {
       const auto message = Contains("unknown sequence id " + std::to_string(id));
-      require_rejected(cache, [&] { cache.append(id, k, k, logits); }, message);
-      require_rejected(cache, [&] { cache.finish_step(id); }, message);
-      require_rejected(cache, [&] { cache.finish_prompt(id); }, message);
-      require_rejected(cache, [&] { cache.remove_sequence(id); }, message);
-      require_rejected(cache, [&] { (void)cache.row(id, 0); }, message);
-      require_rejected(cache, [&] { (void)cache.sequence(id); }, message);
-      require_rejected(cache, [&] { dms::reference::decode_step(cache, id, q, k, k, logits, out); }, message);
-      require_rejected(cache, [&] { dms::reference::decode_attention(cache, id, q, out); }, message);
-      require_rejected(cache, [&] {
-        dms::reference::prefill(cache, id, {q, k, k, logits}, 4, {out, {}});
-      }, message);
+      require_rejected(
+          cache, [&] { cache.append(id, k, k, logits); }, message);
+      require_rejected(
+          cache, [&] { cache.finish_step(id); }, message);
+      require_rejected(
+          cache, [&] { cache.finish_prompt(id); }, message);
+      require_rejected(
+          cache, [&] { cache.remove_sequence(id); }, message);
+      require_rejected(
+          cache, [&] { (void)cache.row(id, 0); }, message);
+      require_rejected(
+          cache, [&] { (void)cache.sequence(id); }, message);
+      require_rejected(
+          cache, [&] { dms::reference::decode_step(cache, id, q, k, k, logits, out); }, message);
+      require_rejected(
+          cache, [&] { dms::reference::decode_attention(cache, id, q, out); }, message);
+      require_rejected(
+          cache,
+          [&] {
+            dms::reference::prefill(cache, id, {q, k, k, logits}, 4, {out, {}});
+          },
+          message);
       REQUIRE_FALSE(cache.contains(id));
     }
   }
   SECTION("a kv head out of range") {
-    require_rejected(cache, [&] { (void)cache.row(0, 2); }, Contains("kv_head = 2"));
-    require_rejected(cache, [&] { (void)cache.row(0, -1); }, Contains("kv_head = -1"));
+    require_rejected(
+        cache, [&] { (void)cache.row(0, 2); }, Contains("kv_head = 2"));
+    require_rejected(
+        cache, [&] { (void)cache.row(0, -1); }, Contains("kv_head = -1"));
   }
   append_valid(cache, 0);
   REQUIRE(cache.tokens_seen(cache.row_index(0, 0)) == 6);
@@ -214,7 +237,8 @@ TEST_CASE("errors: unknown sequence ids", "[errors]") {
 TEST_CASE("errors: wrong sizes of k, v, logits, q, out and lse", "[errors]") {
   auto cache = used_cache();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t Hq = std::size_t(cfg.num_query_heads()), Hk = std::size_t(cfg.num_kv_heads);
   const std::vector<float> q(qn, 0.5f), k(kn, 0.5f), logits(Hk, -1.0f);
   std::vector<float> out(qn), lse(Hq);
@@ -224,73 +248,98 @@ TEST_CASE("errors: wrong sizes of k, v, logits, q, out and lse", "[errors]") {
     DYNAMIC_SECTION("k/v with " << bad << " elements") {
       const auto wrong = sized(bad);
       const auto n = " has " + std::to_string(bad) + " elements; expected " + std::to_string(kn);
-      require_rejected(cache, [&] { cache.append(0, wrong, k, logits); }, Contains("append: k" + n));
-      require_rejected(cache, [&] { cache.append(0, k, wrong, logits); }, Contains("append: v" + n));
-      require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, q, wrong, k, logits, out); },
-                       Contains("append: k" + n));
+      require_rejected(
+          cache, [&] { cache.append(0, wrong, k, logits); }, Contains("append: k" + n));
+      require_rejected(
+          cache, [&] { cache.append(0, k, wrong, logits); }, Contains("append: v" + n));
+      require_rejected(
+          cache, [&] { dms::reference::decode_step(cache, 0, q, wrong, k, logits, out); },
+          Contains("append: k" + n));
     }
   }
   for (const std::size_t bad : {Hk - 1, Hk + 1, std::size_t(0)}) {
     DYNAMIC_SECTION("logits with " << bad << " elements") {
       const auto wrong = sized(bad);
-      require_rejected(cache, [&] { cache.append(0, k, k, wrong); },
-                       Contains("append: decision_logits has " + std::to_string(bad) + " elements"));
+      require_rejected(
+          cache, [&] { cache.append(0, k, k, wrong); },
+          Contains("append: decision_logits has " + std::to_string(bad) + " elements"));
     }
   }
   for (const std::size_t bad : {qn - 1, qn + 1, std::size_t(0)}) {
     DYNAMIC_SECTION("q/out with " << bad << " elements") {
       auto wrong = sized(bad);
       const auto n = " has " + std::to_string(bad) + " elements";
-      require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, wrong, k, k, logits, out); },
-                       Contains("decode_step: q" + n));
-      require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, wrong); },
-                       Contains("decode_step: out" + n));
-      require_rejected(cache, [&] { dms::reference::decode_attention(cache, 0, wrong, out); },
-                       Contains("decode_attention: q" + n));
-      require_rejected(cache, [&] { dms::reference::decode_attention(cache, 0, q, wrong); },
-                       Contains("decode_attention: out" + n));
+      require_rejected(
+          cache, [&] { dms::reference::decode_step(cache, 0, wrong, k, k, logits, out); },
+          Contains("decode_step: q" + n));
+      require_rejected(
+          cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, wrong); },
+          Contains("decode_step: out" + n));
+      require_rejected(
+          cache, [&] { dms::reference::decode_attention(cache, 0, wrong, out); },
+          Contains("decode_attention: q" + n));
+      require_rejected(
+          cache, [&] { dms::reference::decode_attention(cache, 0, q, wrong); },
+          Contains("decode_attention: out" + n));
     }
   }
   SECTION("lse") {
     std::vector<float> wrong(Hq + 1);
     dms::reference::decode_extras extras;
     extras.lse = wrong;
-    require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, out, extras); },
-                     Contains("decode_step: lse has " + std::to_string(Hq + 1) + " elements"));
-    require_rejected(cache, [&] { dms::reference::decode_attention(cache, 0, q, out, extras); },
-                     Contains("decode_attention: lse has " + std::to_string(Hq + 1) + " elements"));
+    require_rejected(
+        cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, out, extras); },
+        Contains("decode_step: lse has " + std::to_string(Hq + 1) + " elements"));
+    require_rejected(
+        cache, [&] { dms::reference::decode_attention(cache, 0, q, out, extras); },
+        Contains("decode_attention: lse has " + std::to_string(Hq + 1) + " elements"));
   }
   SECTION("prefill_chunk") {
     const int T = 3;
     const auto tq = sized(T * qn), tk = sized(T * kn), tl = sized(T * Hk);
     auto tout = sized(T * qn), tlse = sized(T * Hq);
     const int seq = cache.add_sequence();
-    const auto chunk = [&](const std::vector<float>& cq, const std::vector<float>& ck, const std::vector<float>& cv,
-                           const std::vector<float>& cl, std::vector<float>& co, std::vector<float>& cs) {
+    const auto chunk = [&](const std::vector<float>& cq, const std::vector<float>& ck,
+                           const std::vector<float>& cv, const std::vector<float>& cl,
+                           std::vector<float>& co, std::vector<float>& cs) {
       dms::reference::prefill_chunk(cache, seq, {cq, ck, cv, cl}, T, {co, cs});
     };
     const auto bad = [&](std::size_t n) { return " has " + std::to_string(n) + " elements"; };
-    require_rejected(cache, [&] { chunk(sized(T * qn - 1), tk, tk, tl, tout, tlse); },
-                     Contains("prefill: q" + bad(T * qn - 1) + ", not a multiple"));
+    require_rejected(
+        cache, [&] { chunk(sized(T * qn - 1), tk, tk, tl, tout, tlse); },
+        Contains("prefill: q" + bad(T * qn - 1) + ", not a multiple"));
     for (const std::size_t n : {T * kn - 1, T * kn + 1, std::size_t(0)}) {
-      require_rejected(cache, [&] { chunk(tq, sized(n), tk, tl, tout, tlse); }, Contains("prefill: k" + bad(n)));
-      require_rejected(cache, [&] { chunk(tq, tk, sized(n), tl, tout, tlse); }, Contains("prefill: v" + bad(n)));
+      require_rejected(
+          cache, [&] { chunk(tq, sized(n), tk, tl, tout, tlse); }, Contains("prefill: k" + bad(n)));
+      require_rejected(
+          cache, [&] { chunk(tq, tk, sized(n), tl, tout, tlse); }, Contains("prefill: v" + bad(n)));
     }
     for (const std::size_t n : {T * Hk - 1, T * Hk + 1, std::size_t(0)})
-      require_rejected(cache, [&] { chunk(tq, tk, tk, sized(n), tout, tlse); },
-                       Contains("prefill: decision_logits" + bad(n)));
+      require_rejected(
+          cache, [&] { chunk(tq, tk, tk, sized(n), tout, tlse); },
+          Contains("prefill: decision_logits" + bad(n)));
     for (const std::size_t n : {T * qn - 2, T * qn + 1}) {
       auto wrong = sized(n);
-      require_rejected(cache, [&] { chunk(tq, tk, tk, tl, wrong, tlse); }, Contains("prefill: out" + bad(n)));
+      require_rejected(
+          cache, [&] { chunk(tq, tk, tk, tl, wrong, tlse); }, Contains("prefill: out" + bad(n)));
     }
     for (const std::size_t n : {T * Hq - 1, T * Hq + 1}) {
       auto wrong = sized(n);
-      require_rejected(cache, [&] { chunk(tq, tk, tk, tl, tout, wrong); }, Contains("prefill: lse" + bad(n)));
+      require_rejected(
+          cache, [&] { chunk(tq, tk, tk, tl, tout, wrong); }, Contains("prefill: lse" + bad(n)));
     }
-    require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, 0, {tout, tlse}); },
-                     Contains("chunk_size = 0"));
-    require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {sized(T * qn + 2), tk, tk, tl}, 2, {tout, tlse}); },
-                     Contains("prefill: q" + bad(T * qn + 2) + ", not a multiple"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, 0, {tout, tlse});
+        },
+        Contains("chunk_size = 0"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill(cache, seq, {sized(T * qn + 2), tk, tk, tl}, 2, {tout, tlse});
+        },
+        Contains("prefill: q" + bad(T * qn + 2) + ", not a multiple"));
     dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, 2, {tout, tlse});
     REQUIRE(cache.tokens_seen(cache.row_index(seq, 0)) == T);
   }
@@ -303,15 +352,23 @@ TEST_CASE("errors: decision logits given to a policy that takes none", "[errors]
   // can feed every policy); any other size is an error.
   auto cache = used_cache<dms::dense_policy>();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
-  const std::vector<float> q(qn, 0.5f), k(kn, 0.5f), wrong(3, -1.0f), ignored(2, std::numeric_limits<float>::quiet_NaN());
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::vector<float> q(qn, 0.5f), k(kn, 0.5f), wrong(3, -1.0f),
+      ignored(2, std::numeric_limits<float>::quiet_NaN());
   std::vector<float> out(qn);
   const auto message = Contains("decision_logits has 3 elements; expected 2");
-  require_rejected(cache, [&] { cache.append(0, k, k, wrong); }, message);
-  require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, wrong, out); }, message);
+  require_rejected(
+      cache, [&] { cache.append(0, k, k, wrong); }, message);
+  require_rejected(
+      cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, wrong, out); }, message);
   const int seq = cache.add_sequence();
-  require_rejected(cache, [&] { dms::reference::prefill_chunk(cache, seq, {q, k, k, wrong}, 1, {out, {}}); },
-                   Contains("prefill: decision_logits has 3 elements; expected 2"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill_chunk(cache, seq, {q, k, k, wrong}, 1, {out, {}});
+      },
+      Contains("prefill: decision_logits has 3 elements; expected 2"));
 
   // Ignored, even when not finite: the result is that of no logits at all.
   auto reference = used_cache<dms::dense_policy>();
@@ -323,50 +380,66 @@ TEST_CASE("errors: decision logits given to a policy that takes none", "[errors]
   REQUIRE(snapshot_of(cache) == snapshot_of(reference));
 
   auto tova = used_cache(dms::tova_policy(dms::tova_params{4, dms::tova_ranking::per_kv_head}));
-  require_rejected(tova, [&] { tova.append(0, k, k, wrong); }, message);
+  require_rejected(
+      tova, [&] { tova.append(0, k, k, wrong); }, message);
   append_valid(tova, 0);
 }
 
 TEST_CASE("errors: non-finite decision logits are rejected by DMS", "[errors]") {
   auto cache = used_cache();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const std::vector<float> q(qn, 0.5f), k(kn, 0.5f);
   std::vector<float> out(qn);
-  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
 
   for (const float bad : {nan, inf, -inf}) {
     const std::string text = bad != bad ? "nan" : bad > 0 ? "= inf" : "-inf";
     DYNAMIC_SECTION("append with " << text) {
       const std::vector<float> logits{-1.0f, bad};
-      require_rejected(cache, [&] { cache.append(0, k, k, logits); }, Contains("decision_logits[1]") && Contains(text));
-      require_rejected(cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, out); },
-                       Contains("decision_logits[1]") && Contains(text));
+      require_rejected(
+          cache, [&] { cache.append(0, k, k, logits); },
+          Contains("decision_logits[1]") && Contains(text));
+      require_rejected(
+          cache, [&] { dms::reference::decode_step(cache, 0, q, k, k, logits, out); },
+          Contains("decision_logits[1]") && Contains(text));
     }
     DYNAMIC_SECTION("prefill with " << text) {
       const int T = 4;
       std::vector<float> tq(T * qn, 0.5f), tk(T * kn, 0.5f), tl(T * 2, -1.0f), tout(T * qn);
       tl[2 * 2 + 1] = bad;  // token 2, head 1
       const int seq = cache.add_sequence();
-      require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {tout, {}}); },
-                       Contains("decision_logits[2][1]") && Contains(text));
+      require_rejected(
+          cache,
+          [&] {
+            dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {tout, {}});
+          },
+          Contains("decision_logits[2][1]") && Contains(text));
     }
   }
   append_valid(cache, 0);
   REQUIRE(cache.tokens_seen(cache.row_index(0, 0)) == 6);
 }
 
-TEST_CASE("errors: a non-finite logit in a later prefill chunk leaves the cache unchanged", "[errors]") {
+TEST_CASE("errors: a non-finite logit in a later prefill chunk leaves the cache unchanged",
+          "[errors]") {
   // prefill() validates a chunk only when it gets to it; earlier chunks are already in the cache.
   auto cache = used_cache();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const int T = 6;
   std::vector<float> tq(T * qn, 0.5f), tk(T * kn, 0.5f), tl(T * 2, -1.0f), tout(T * qn);
   tl[5 * 2] = std::numeric_limits<float>::quiet_NaN();  // token 5, in the third chunk of 2
   const int seq = cache.add_sequence();
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, 2, {tout, {}}); },
-                   Contains("decision_logits") && Contains("nan"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, 2, {tout, {}});
+      },
+      Contains("decision_logits") && Contains("nan"));
 }
 
 TEST_CASE("errors: capacity", "[errors]") {
@@ -380,11 +453,15 @@ TEST_CASE("errors: capacity", "[errors]") {
     append_valid(cache, b);  // b: 1 page per row; 1 page left
     // (Catch's combined matchers refer to their parts: build them in the call, never store them.)
     // Row 0 alone would fit: nothing may be written unless both fit.
-    require_rejected(cache, [&] { append_valid(cache, a); },
-                     Contains("page pool exhausted") && Contains("needs 2 new pages") && Contains("max_pages = 5"));
+    require_rejected(
+        cache, [&] { append_valid(cache, a); },
+        Contains("page pool exhausted") && Contains("needs 2 new pages") &&
+            Contains("max_pages = 5"));
     append_valid(cache, b);  // b's second token needs no page
-    require_rejected(cache, [&] { append_valid(cache, b); },
-                     Contains("page pool exhausted") && Contains("needs 2 new pages") && Contains("max_pages = 5"));
+    require_rejected(
+        cache, [&] { append_valid(cache, b); },
+        Contains("page pool exhausted") && Contains("needs 2 new pages") &&
+            Contains("max_pages = 5"));
     cache.remove_sequence(b);
     append_valid(cache, a);
     REQUIRE(cache.positions(cache.row_index(a, 1)) == std::vector<std::int32_t>{0, 1, 2});
@@ -395,9 +472,12 @@ TEST_CASE("errors: capacity", "[errors]") {
     dms::paged_cache<float> cache(cfg);
     const int a = cache.add_sequence();
     for (int t = 0; t < 3; ++t) append_valid(cache, a);
-    require_rejected(cache, [&] { append_valid(cache, a); }, Contains("is full") && Contains("max_row_slots = 3"));
+    require_rejected(
+        cache, [&] { append_valid(cache, a); },
+        Contains("is full") && Contains("max_row_slots = 3"));
     cache.row(a, 0).evict(1);  // row 0 has a hole now, row 1 is still full
-    require_rejected(cache, [&] { append_valid(cache, a); }, Contains("kv head 1 is full"));
+    require_rejected(
+        cache, [&] { append_valid(cache, a); }, Contains("kv head 1 is full"));
     cache.row(a, 1).evict(0);
     append_valid(cache, a);
     REQUIRE(cache.positions(cache.row_index(a, 0)) == std::vector<std::int32_t>{0, 3, 2});
@@ -410,8 +490,9 @@ TEST_CASE("errors: capacity", "[errors]") {
     const int a = cache.add_sequence();
     (void)cache.add_sequence();
     append_valid(cache, a);
-    require_rejected(cache, [&] { (void)cache.add_sequence(); },
-                     Contains("all 2 sequence slots") && Contains("max_sequences"));
+    require_rejected(
+        cache, [&] { (void)cache.add_sequence(); },
+        Contains("all 2 sequence slots") && Contains("max_sequences"));
     cache.remove_sequence(a);
     REQUIRE(cache.add_sequence() == a);
   }
@@ -426,78 +507,128 @@ TEST_CASE("errors: the page pool running out during a prefill chunk leaves the c
   dms::paged_cache<float> cache(cfg);
   const int a = cache.add_sequence();
   append_valid(cache, a);  // 1 page per row, 2 pages free
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const int T = 4;  // 1 + 4 tokens need 3 pages per row
   std::vector<float> tq(T * qn, 0.5f), tk(T * kn, 0.5f), tout(T * qn);
-  require_rejected(cache, [&] { dms::reference::prefill(cache, a, {tq, tk, tk, {}}, T, {tout, {}}); },
-                   Contains("page pool exhausted"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, a, {tq, tk, tk, {}}, T, {tout, {}});
+      },
+      Contains("page pool exhausted"));
 }
 
-TEST_CASE("errors: prefill() rejects k, v, logits, out and lse longer than the prompt", "[errors]") {
+TEST_CASE("errors: prefill() rejects k, v, logits, out and lse longer than the prompt",
+          "[errors]") {
   // prefill() slices every array by the token count taken from q and hands the slices to
   // prefill_chunk, so extra elements are silently ignored (and too few would be read past the end).
   auto cache = used_cache();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const int T = 3;
-  const std::vector<float> tq(T * qn, 0.5f), tk(T * kn, 0.5f), tl(T * 2, -1.0f), long_k(T * kn + 1, 0.5f), long_l(T * 2 + 1, -1.0f);
+  const std::vector<float> tq(T * qn, 0.5f), tk(T * kn, 0.5f), tl(T * 2, -1.0f),
+      long_k(T * kn + 1, 0.5f), long_l(T * 2 + 1, -1.0f);
   std::vector<float> tout(T * qn), long_out(T * qn + 1), long_lse(T * cfg.num_query_heads() + 1);
   const int seq = cache.add_sequence();
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, long_k, tk, tl}, T, {tout, {}}); },
-                   Contains("prefill: k has " + std::to_string(T * kn + 1) + " elements"));
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, long_k, tl}, T, {tout, {}}); },
-                   Contains("prefill: v has " + std::to_string(T * kn + 1) + " elements"));
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, long_l}, T, {tout, {}}); },
-                   Contains("prefill: decision_logits has " + std::to_string(T * 2 + 1) + " elements"));
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {long_out, {}}); },
-                   Contains("prefill: out has " + std::to_string(T * qn + 1) + " elements"));
-  require_rejected(cache, [&] { dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {tout, long_lse}); },
-                   Contains("prefill: lse has " + std::to_string(T * cfg.num_query_heads() + 1) + " elements"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, long_k, tk, tl}, T, {tout, {}});
+      },
+      Contains("prefill: k has " + std::to_string(T * kn + 1) + " elements"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, tk, long_k, tl}, T, {tout, {}});
+      },
+      Contains("prefill: v has " + std::to_string(T * kn + 1) + " elements"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, tk, tk, long_l}, T, {tout, {}});
+      },
+      Contains("prefill: decision_logits has " + std::to_string(T * 2 + 1) + " elements"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {long_out, {}});
+      },
+      Contains("prefill: out has " + std::to_string(T * qn + 1) + " elements"));
+  require_rejected(
+      cache,
+      [&] {
+        dms::reference::prefill(cache, seq, {tq, tk, tk, tl}, T, {tout, long_lse});
+      },
+      Contains("prefill: lse has " + std::to_string(T * cfg.num_query_heads() + 1) + " elements"));
 }
 
 TEST_CASE("errors: prefill padding and prompt length", "[errors]") {
   auto cache = used_cache();
   const auto& cfg = cache.config();
-  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim, kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim,
+                    kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
   const auto tokens = [&](int n) {
-    return std::vector<std::vector<float>>{std::vector<float>(n * qn, 0.5f), std::vector<float>(n * kn, 0.5f),
-                                           std::vector<float>(n * 2, -1.0f), std::vector<float>(n * qn)};
+    return std::vector<std::vector<float>>{
+        std::vector<float>(n * qn, 0.5f), std::vector<float>(n * kn, 0.5f),
+        std::vector<float>(n * 2, -1.0f), std::vector<float>(n * qn)};
   };
   const int seq = cache.add_sequence();
   auto c2 = tokens(2);
-  dms::reference::prefill_chunk(cache, seq, {c2[0], c2[1], c2[1], c2[2]}, 6, {c2[3], {}});  // 2 of 6
+  dms::reference::prefill_chunk(cache, seq, {c2[0], c2[1], c2[1], c2[2]}, 6,
+                                {c2[3], {}});  // 2 of 6
 
   SECTION("padding after real tokens") {
     auto c = tokens(3);
-    require_rejected(cache, [&] {
-      dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2], 1}, 6, {c[3], {}});
-    }, Contains("padding = 1") && Contains("already holds 2 tokens"));
-    require_rejected(cache, [&] {
-      dms::reference::prefill(cache, seq, {c[0], c[1], c[1], c[2], 2}, 3, {c[3], {}});
-    }, Contains("padding = 2"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2], 1}, 6, {c[3], {}});
+        },
+        Contains("padding = 1") && Contains("already holds 2 tokens"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill(cache, seq, {c[0], c[1], c[1], c[2], 2}, 3, {c[3], {}});
+        },
+        Contains("padding = 2"));
   }
   SECTION("more padding than tokens") {
     auto c = tokens(3);
-    require_rejected(cache, [&] {
-      dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2], 4}, 6, {c[3], {}});
-    }, Contains("padding = 4") && Contains("[0, 3]"));
-    require_rejected(cache, [&] {
-      dms::reference::prefill(cache, seq, {c[0], c[1], c[1], c[2], -1}, 3, {c[3], {}});
-    }, Contains("padding = -1"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2], 4}, 6, {c[3], {}});
+        },
+        Contains("padding = 4") && Contains("[0, 3]"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill(cache, seq, {c[0], c[1], c[1], c[2], -1}, 3, {c[3], {}});
+        },
+        Contains("padding = -1"));
   }
   SECTION("a chunk past the prompt length") {
     auto c = tokens(5);
-    require_rejected(cache, [&] {
-      dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2]}, 6, {c[3], {}});
-    }, Contains("chunk ends at token 7") && Contains("prompt_length = 6"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2]}, 6, {c[3], {}});
+        },
+        Contains("chunk ends at token 7") && Contains("prompt_length = 6"));
   }
   SECTION("another chunk after the prompt is complete") {
     auto c = tokens(4);
     dms::reference::prefill_chunk(cache, seq, {c[0], c[1], c[1], c[2]}, 6, {c[3], {}});
     auto one = tokens(1);
-    require_rejected(cache, [&] {
-      dms::reference::prefill_chunk(cache, seq, {one[0], one[1], one[1], one[2]}, 6, {one[3], {}});
-    }, Contains("past prompt_length = 6"));
+    require_rejected(
+        cache,
+        [&] {
+          dms::reference::prefill_chunk(cache, seq, {one[0], one[1], one[1], one[2]}, 6,
+                                        {one[3], {}});
+        },
+        Contains("past prompt_length = 6"));
   }
   // The prompt can still be completed, and decode continues.
   const int have = cache.tokens_seen(cache.row_index(seq, 0));
@@ -512,8 +643,11 @@ TEST_CASE("errors: prefill padding and prompt length", "[errors]") {
 TEST_CASE("errors: evicting a slot that holds nothing", "[errors]") {
   auto cache = used_cache<dms::dense_policy>();
   auto row = cache.row(0, 1);  // slot 2 was evicted by used_cache
-  require_rejected(cache, [&] { row.evict(2); }, Contains("evict: slot 2"));
-  require_rejected(cache, [&] { row.evict(5); }, Contains("evict: slot 5"));
-  require_rejected(cache, [&] { row.evict(-1); }, Contains("evict: slot -1"));
+  require_rejected(
+      cache, [&] { row.evict(2); }, Contains("evict: slot 2"));
+  require_rejected(
+      cache, [&] { row.evict(5); }, Contains("evict: slot 5"));
+  require_rejected(
+      cache, [&] { row.evict(-1); }, Contains("evict: slot -1"));
   append_valid(cache, 0);
 }

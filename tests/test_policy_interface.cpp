@@ -2,9 +2,8 @@
 // The CRTP policy interface (dms/policy/policy.hpp) from a user's side: small policies written
 // here, run through paged_cache and the reference decode, and the compile-time contract.
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -149,11 +148,13 @@ static_assert(!dms::eviction_policy<mutable_choose_victim>);
 static_assert(!dms::eviction_policy<name_not_a_string>);
 
 // Defaults supplied by the base for the optional hooks.
-static_assert(!keep_last_n::keeps_scores && !keep_last_n::needs_page_bounds && !keep_last_n::uses_decision_logits);
+static_assert(!keep_last_n::keeps_scores && !keep_last_n::needs_page_bounds &&
+              !keep_last_n::uses_decision_logits);
 static_assert(!keep_last_n::selects_pages);
 static_assert(std::is_same_v<keep_last_n::row_state, dms::no_row_state>);
 static_assert(keep_last_n{}.score_for_query(3, 7) == dms::score_update::none);
-static_assert(score_probe::keeps_scores && score_probe{}.score_for_query(0, -1) == dms::score_update::assign);
+static_assert(score_probe::keeps_scores &&
+              score_probe{}.score_for_query(0, -1) == dms::score_update::assign);
 
 dms::cache_config small_config() {
   dms::cache_config c;
@@ -169,7 +170,8 @@ dms::cache_config small_config() {
 
 // Random decode steps for sequence `seq`; `check(t)` runs after each.
 template <class C, class Check>
-void run_steps(C& cache, int seq, int steps, unsigned seed, Check check, std::vector<float>* probs = nullptr) {
+void run_steps(C& cache, int seq, int steps, unsigned seed, Check check,
+               std::vector<float>* probs = nullptr) {
   const auto& cfg = cache.config();
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
@@ -202,7 +204,8 @@ TEST_CASE("a user policy: evict odd positions once they are 2 tokens old", "[pol
   dms::paged_cache<float, odd_evictor> cache(small_config());
   REQUIRE(std::string(cache.policy().name()) == "odd evictor");
   const int seq = cache.add_sequence();
-  for (int h = 0; h < 2; ++h) REQUIRE(cache.state(cache.row_index(seq, h)).appends == 0);  // init_row ran
+  for (int h = 0; h < 2; ++h)
+    REQUIRE(cache.state(cache.row_index(seq, h)).appends == 0);  // init_row ran
   run_steps(cache, seq, 20, 1, [&](int t) {
     std::vector<std::int32_t> expected;
     for (int p = 0; p <= t; ++p)
@@ -212,7 +215,7 @@ TEST_CASE("a user policy: evict odd positions once they are 2 tokens old", "[pol
       CAPTURE(t, h);
       REQUIRE(held(cache.positions(r)) == expected);
       REQUIRE(cache.row_length(r) == int(expected.size()));  // compacted
-      REQUIRE(cache.state(r).appends == t + 1);               // on_append ran once per token
+      REQUIRE(cache.state(r).appends == t + 1);              // on_append ran once per token
       REQUIRE(cache.positions(r).at(cache.state(r).last_slot) == t);  // on_slot_moved kept up
     }
   });
@@ -253,20 +256,24 @@ TEST_CASE("a user policy that keeps scores gets the current query's probabilitie
   dms::paged_cache<float, score_probe> cache(small_config());
   const int seq = cache.add_sequence();
   std::vector<float> probs;
-  run_steps(cache, seq, 9, 3, [&](int t) {
-    const int stride = int(probs.size()) / 4;
-    REQUIRE(stride == t + 1);
-    for (int h = 0; h < 2; ++h) {
-      auto row = cache.row(seq, h);
-      float total = 0.0f;
-      for (int s = 0; s <= t; ++s) {
-        const float expected = probs[std::size_t(h * 2) * stride + s] + probs[std::size_t(h * 2 + 1) * stride + s];
-        REQUIRE(row.score(s) == expected);
-        total += row.score(s);
-      }
-      REQUIRE(total == Approx(2.0f));  // two query heads, each a distribution
-    }
-  }, &probs);
+  run_steps(
+      cache, seq, 9, 3,
+      [&](int t) {
+        const int stride = int(probs.size()) / 4;
+        REQUIRE(stride == t + 1);
+        for (int h = 0; h < 2; ++h) {
+          auto row = cache.row(seq, h);
+          float total = 0.0f;
+          for (int s = 0; s <= t; ++s) {
+            const float expected =
+                probs[std::size_t(h * 2) * stride + s] + probs[std::size_t(h * 2 + 1) * stride + s];
+            REQUIRE(row.score(s) == expected);
+            total += row.score(s);
+          }
+          REQUIRE(total == Approx(2.0f));  // two query heads, each a distribution
+        }
+      },
+      &probs);
 }
 
 TEST_CASE("a policy naming a slot that is not live is an error, and nothing changes", "[policy]") {
@@ -276,7 +283,8 @@ TEST_CASE("a policy naming a slot that is not live is an error, and nothing chan
   cache.append(seq, kv, kv);
   cache.append(seq, kv, kv);
   const auto before = cache.stats();
-  REQUIRE_THROWS_WITH(cache.append(seq, kv, kv), Catch::Contains("bad victim") && Catch::Contains("victim slot 7"));
+  REQUIRE_THROWS_WITH(cache.append(seq, kv, kv),
+                      Catch::Contains("bad victim") && Catch::Contains("victim slot 7"));
   REQUIRE(cache.stats().tokens_seen == before.tokens_seen);
   REQUIRE(cache.stats().live_slots == before.live_slots);
   REQUIRE(cache.positions(cache.row_index(seq, 0)) == std::vector<std::int32_t>{0, 1});

@@ -3,7 +3,6 @@
 // be exact: a prompt that fits only because flagged tokens free their slots must be accepted, and
 // one page less must be rejected.
 #include <catch2/catch.hpp>
-
 #include <vector>
 
 #include "dms/dms.hpp"
@@ -22,7 +21,8 @@ bool prefill_fits(int max_pages, int window, int tokens, int page_size) {
   cfg.max_row_slots = 1024;
   dms::paged_cache<float, dms::dms_policy> cache(cfg, dms::dms_policy{{.window = window}});
   const int seq = cache.add_sequence();
-  const auto qn = std::size_t(cfg.num_query_heads() * cfg.head_dim), kn = std::size_t(cfg.num_kv_heads * cfg.head_dim);
+  const auto qn = std::size_t(cfg.num_query_heads() * cfg.head_dim),
+             kn = std::size_t(cfg.num_kv_heads * cfg.head_dim);
   std::vector<float> q(tokens * qn, 0.25f), k(tokens * kn, 0.5f), out(tokens * qn);
   std::vector<float> logits(tokens * cfg.num_kv_heads, 3.0f);
   try {

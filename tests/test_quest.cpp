@@ -2,9 +2,8 @@
 // Quest (spec "Quest"): per-page key bounds, the upper bound U >= q.k, page selection against a
 // brute-force top-k, the dense cases, and the KV-token reads it saves.
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -51,7 +50,8 @@ void append_random(quest_cache<T>& cache, int seq, std::mt19937& rng, float sigm
 
 // Per-channel min/max of the stored keys of one logical page, recomputed from the storage.
 template <class T>
-void stored_bounds(const quest_cache<T>& cache, int row, int page, std::vector<float>& lo, std::vector<float>& hi) {
+void stored_bounds(const quest_cache<T>& cache, int row, int page, std::vector<float>& lo,
+                   std::vector<float>& hi) {
   const auto view = cache.view();
   const int d = cache.config().head_dim, P = cache.config().page_size;
   lo.assign(d, std::numeric_limits<float>::infinity());
@@ -79,7 +79,8 @@ float upper_bound(const float* q, const std::vector<float>& lo, const std::vecto
 
 // Brute force: score every page but the last (max of U over the group), take the top
 // (budget - 1) by score with ties to the lower index, sort, add the last page.
-std::vector<int> brute_select(const quest_cache<float>& cache, int row, const float* q, int budget_pages) {
+std::vector<int> brute_select(const quest_cache<float>& cache, int row, const float* q,
+                              int budget_pages) {
   const auto& cfg = cache.config();
   const int n = cache.view().num_pages(row);
   std::vector<int> all;
@@ -90,8 +91,10 @@ std::vector<int> brute_select(const quest_cache<float>& cache, int row, const fl
   for (int p = 0; p + 1 < n; ++p) {
     stored_bounds(cache, row, p, lo, hi);
     float best = -std::numeric_limits<float>::infinity();
-    for (int g = 0; g < cfg.group_size; ++g) best = std::max(best, upper_bound(q + g * cfg.head_dim, lo, hi));
-    scored.emplace_back(-best, p);  // ascending (-score, index) = descending score, lower index first
+    for (int g = 0; g < cfg.group_size; ++g)
+      best = std::max(best, upper_bound(q + g * cfg.head_dim, lo, hi));
+    scored.emplace_back(-best,
+                        p);  // ascending (-score, index) = descending score, lower index first
   }
   std::sort(scored.begin(), scored.end());
   std::vector<int> pick;
@@ -103,7 +106,8 @@ std::vector<int> brute_select(const quest_cache<float>& cache, int row, const fl
 
 std::vector<int> select(quest_cache<float>& cache, int seq, int h, const float* q) {
   std::vector<int> pages{99};  // select_pages must clear what it is given
-  cache.policy().select_pages(cache.row(seq, h), q, cache.config().group_size, cache.config().head_dim, pages);
+  cache.policy().select_pages(cache.row(seq, h), q, cache.config().group_size,
+                              cache.config().head_dim, pages);
   return pages;
 }
 
@@ -212,7 +216,8 @@ TEST_CASE("Quest ties go to the lower page index", "[quest]") {
   for (std::size_t c = 0; c < big.size(); ++c) big[c] = q[c] + q[4 + c] > 0 ? 50.0f : -50.0f;
   quest_cache<float> lifted(cfg, quest(4 * P));
   const int s2 = lifted.add_sequence();
-  for (int t = 0; t < pages * P; ++t) lifted.append(s2, t == 5 * P + 2 ? big : keys[t % P], random_vector(rng, 4));
+  for (int t = 0; t < pages * P; ++t)
+    lifted.append(s2, t == 5 * P + 2 ? big : keys[t % P], random_vector(rng, 4));
   REQUIRE(select(lifted, s2, 0, q.data()) == std::vector<int>{0, 1, 5, pages - 1});
 }
 
@@ -269,7 +274,8 @@ TEST_CASE("Quest decode reads only the selected pages and counts only their slot
   std::int64_t reads = 0;
   for (int t = 0; t < 50; ++t) {
     const auto q = random_vector(rng, std::size_t(H) * G * d, 2.0f);
-    const auto k = random_vector(rng, std::size_t(H) * d, 2.0f), v = random_vector(rng, std::size_t(H) * d);
+    const auto k = random_vector(rng, std::size_t(H) * d, 2.0f),
+               v = random_vector(rng, std::size_t(H) * d);
     dms::reference::decode_step(cache, seq, q, k, v, {}, out);
     CAPTURE(t);
     // Quest evicts nothing, so the state after the step is the one attention saw.
@@ -294,7 +300,8 @@ TEST_CASE("Quest decode reads only the selected pages and counts only their slot
         for (double& x : w) sum += (x = std::exp(x - m));
         for (int c = 0; c < d; ++c) {
           double o = 0;
-          for (std::size_t j = 0; j < slots.size(); ++j) o += w[j] / sum * view.value(r, slots[j])[c];
+          for (std::size_t j = 0; j < slots.size(); ++j)
+            o += w[j] / sum * view.value(r, slots[j])[c];
           REQUIRE(out[(h * G + g) * d + c] == Approx(o).margin(1e-5));
         }
       }

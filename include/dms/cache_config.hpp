@@ -49,8 +49,9 @@ struct cache_config {
     // Page tables are dense [max_rows][max_pages_per_row] int32 arrays; keep them addressable.
     const auto table = std::int64_t{max_rows()} * max_pages_per_row();
     if (table > (std::int64_t{1} << 31) - 1)
-      detail::fail("cache_config: max_sequences * num_kv_heads * ceil(max_row_slots / page_size) = ",
-                   table, " page-table entries exceeds 2^31 - 1");
+      detail::fail(
+          "cache_config: max_sequences * num_kv_heads * ceil(max_row_slots / page_size) = ", table,
+          " page-table entries exceeds 2^31 - 1");
   }
 };
 

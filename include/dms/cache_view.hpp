@@ -26,20 +26,20 @@ struct cache_view {
   using meta_int = detail::copy_const_t<T, std::int32_t>;
   using meta_float = detail::copy_const_t<T, float>;
 
-  T* k;                           // [max_pages][page_size][head_dim] keys, stored after RoPE
-  T* v;                           // [max_pages][page_size][head_dim] values
-  meta_int* position;             // [max_pages][page_size] token index held by each slot, -1 = hole
-  meta_float* score;              // [max_pages][page_size] policy score per slot; null if unused
-  meta_float* page_min;           // [max_pages][head_dim] per-channel key minimum; null if unused
-  meta_float* page_max;           // [max_pages][head_dim] per-channel key maximum; null if unused
-  const index_type* page_table;   // [max_rows][max_pages_per_row] page ids in slot order, -1 = none
-  const index_type* row_length;   // [max_rows] slots spanned by each row (live slots + holes)
-  int num_kv_heads;               // rows per sequence
-  int group_size;                 // query heads per KV head
-  int head_dim;                   // channels per head
-  int page_size;                  // slots per page
-  int max_pages_per_row;          // row stride of page_table
-  int max_rows;                   // max_sequences * num_kv_heads
+  T* k;                          // [max_pages][page_size][head_dim] keys, stored after RoPE
+  T* v;                          // [max_pages][page_size][head_dim] values
+  meta_int* position;            // [max_pages][page_size] token index held by each slot, -1 = hole
+  meta_float* score;             // [max_pages][page_size] policy score per slot; null if unused
+  meta_float* page_min;          // [max_pages][head_dim] per-channel key minimum; null if unused
+  meta_float* page_max;          // [max_pages][head_dim] per-channel key maximum; null if unused
+  const index_type* page_table;  // [max_rows][max_pages_per_row] page ids in slot order, -1 = none
+  const index_type* row_length;  // [max_rows] slots spanned by each row (live slots + holes)
+  int num_kv_heads;              // rows per sequence
+  int group_size;                // query heads per KV head
+  int head_dim;                  // channels per head
+  int page_size;                 // slots per page
+  int max_pages_per_row;         // row stride of page_table
+  int max_rows;                  // max_sequences * num_kv_heads
 
   /// Flat index of (row, slot) into the [max_pages * page_size] slot arrays.
   DMS_HOST_DEVICE std::int64_t slot_index(int row, int slot) const {
@@ -52,7 +52,9 @@ struct cache_view {
   DMS_HOST_DEVICE index_type page(int row, int logical_page) const {
     return page_table[std::int64_t{row} * max_pages_per_row + logical_page];
   }
-  DMS_HOST_DEVICE int num_pages(int row) const { return (row_length[row] + page_size - 1) / page_size; }
+  DMS_HOST_DEVICE int num_pages(int row) const {
+    return (row_length[row] + page_size - 1) / page_size;
+  }
 };
 
 static_assert(std::is_trivially_copyable_v<cache_view<float>>);

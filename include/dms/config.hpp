@@ -20,9 +20,9 @@
 #define DMS_PP_CAT_(a, b, c) a##_##b##_##c
 #define DMS_PP_CAT(a, b, c) DMS_PP_CAT_(a, b, c)
 #define DMS_ABI_NAMESPACE DMS_PP_CAT(v, DMS_VERSION_MAJOR, DMS_VERSION_MINOR)
-#define DMS_NAMESPACE_BEGIN                                                                        \
-  namespace dms {                                                                                  \
+#define DMS_NAMESPACE_BEGIN \
+  namespace dms {           \
   inline namespace DMS_ABI_NAMESPACE {
-#define DMS_NAMESPACE_END                                                                          \
-  }                                                                                                \
+#define DMS_NAMESPACE_END \
+  }                       \
   }

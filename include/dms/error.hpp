@@ -32,7 +32,8 @@ template <class... Parts>
 /// Throws unless lo <= value <= hi; the message reads "<what> = <value> is outside [lo, hi]".
 template <class V, class L, class H>
 void check_range(const char* what, const V& value, const L& lo, const H& hi) {
-  if (value < lo || value > hi) fail(what, " = ", value, " is outside the valid range [", lo, ", ", hi, "]");
+  if (value < lo || value > hi)
+    fail(what, " = ", value, " is outside the valid range [", lo, ", ", hi, "]");
 }
 
 /// Throws unless a span-like argument has exactly the expected number of elements.

@@ -41,7 +41,8 @@ class page_pool {
   /// Takes a page off the free list; its slots are empty and its key bounds reset.
   [[nodiscard]] std::int32_t allocate() {
     if (free_.empty())
-      detail::fail("page pool exhausted: all ", max_pages_, " pages (cache_config.max_pages) are in use");
+      detail::fail("page pool exhausted: all ", max_pages_,
+                   " pages (cache_config.max_pages) are in use");
     const std::int32_t page = free_.back();
     free_.pop_back();
     const auto first = std::size_t(page) * page_size_;

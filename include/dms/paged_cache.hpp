@@ -192,8 +192,8 @@ class paged_cache {
     }
     if (pages_needed > pool_.free_pages())
       detail::fail("page pool exhausted: append to sequence ", seq, " needs ", pages_needed,
-                   " new pages, ", pool_.free_pages(), " of cache_config.max_pages = ",
-                   cfg_.max_pages, " are free");
+                   " new pages, ", pool_.free_pages(),
+                   " of cache_config.max_pages = ", cfg_.max_pages, " are free");
 
     // Phase 2: commit.
     for (int h = 0; h < cfg_.num_kv_heads; ++h) {
@@ -214,9 +214,9 @@ class paged_cache {
   }
 
   template <class In>
-    requires(!std::is_const_v<In>)
-  void append(int seq, std::span<In> k, std::span<In> v, std::span<const float> decision_logits = {},
-              bool in_prompt = false) {
+  requires(!std::is_const_v<In>) void append(int seq, std::span<In> k, std::span<In> v,
+                                             std::span<const float> decision_logits = {},
+                                             bool in_prompt = false) {
     append(seq, std::span<const In>(k), std::span<const In>(v), decision_logits, in_prompt);
   }
   template <class In>
@@ -272,16 +272,36 @@ class paged_cache {
   // ---- views and accounting --------------------------------------------------------------
 
   cache_view<T> view() {
-    return {pool_.k(),          pool_.v(),          pool_.position(),     pool_.score(),
-            pool_.page_min(),   pool_.page_max(),   page_table_.data(),   length_.data(),
-            cfg_.num_kv_heads,  cfg_.group_size,    cfg_.head_dim,        cfg_.page_size,
-            cfg_.max_pages_per_row(), cfg_.max_rows()};
+    return {pool_.k(),
+            pool_.v(),
+            pool_.position(),
+            pool_.score(),
+            pool_.page_min(),
+            pool_.page_max(),
+            page_table_.data(),
+            length_.data(),
+            cfg_.num_kv_heads,
+            cfg_.group_size,
+            cfg_.head_dim,
+            cfg_.page_size,
+            cfg_.max_pages_per_row(),
+            cfg_.max_rows()};
   }
   cache_view<const T> view() const {
-    return {pool_.k(),          pool_.v(),          pool_.position(),     pool_.score(),
-            pool_.page_min(),   pool_.page_max(),   page_table_.data(),   length_.data(),
-            cfg_.num_kv_heads,  cfg_.group_size,    cfg_.head_dim,        cfg_.page_size,
-            cfg_.max_pages_per_row(), cfg_.max_rows()};
+    return {pool_.k(),
+            pool_.v(),
+            pool_.position(),
+            pool_.score(),
+            pool_.page_min(),
+            pool_.page_max(),
+            page_table_.data(),
+            length_.data(),
+            cfg_.num_kv_heads,
+            cfg_.group_size,
+            cfg_.head_dim,
+            cfg_.page_size,
+            cfg_.max_pages_per_row(),
+            cfg_.max_rows()};
   }
 
   [[nodiscard]] cache_stats stats() const {
@@ -340,13 +360,15 @@ class paged_cache {
     }
     const int slot = length_[r];
     if (slot % cfg_.page_size == 0)
-      page_table_[std::size_t(r) * cfg_.max_pages_per_row() + slot / cfg_.page_size] = pool_.allocate();
+      page_table_[std::size_t(r) * cfg_.max_pages_per_row() + slot / cfg_.page_size] =
+          pool_.allocate();
     ++length_[r];
     return slot;
   }
 
   template <class In>
-  void write_slot(int r, int slot, std::int32_t position, std::span<const In> k, std::span<const In> v) {
+  void write_slot(int r, int slot, std::int32_t position, std::span<const In> k,
+                  std::span<const In> v) {
     auto vw = view();
     const std::int64_t at = vw.slot_index(r, slot);
     T* kd = vw.k + at * cfg_.head_dim;
@@ -380,7 +402,8 @@ class paged_cache {
 
   void evict(int r, int slot) {
     if (slot < 0 || slot >= length_[r] || slot_position(r, slot) < 0)
-      detail::fail("evict: slot ", slot, " of row ", r, " is not live (row length ", length_[r], ")");
+      detail::fail("evict: slot ", slot, " of row ", r, " is not live (row length ", length_[r],
+                   ")");
     auto vw = view();
     const std::int64_t at = vw.slot_index(r, slot);
     vw.position[at] = -1;
@@ -441,14 +464,14 @@ class paged_cache {
   cache_config cfg_;
   Policy policy_;
   page_pool<T> pool_;
-  std::vector<std::int32_t> page_table_;  // [max_rows][max_pages_per_row]
-  std::vector<std::int32_t> length_;      // [max_rows]
-  std::vector<std::int32_t> live_;        // [max_rows]
-  std::vector<std::int32_t> seen_;        // [max_rows]
-  std::vector<std::int32_t> peak_;        // [max_rows]
+  std::vector<std::int32_t> page_table_;      // [max_rows][max_pages_per_row]
+  std::vector<std::int32_t> length_;          // [max_rows]
+  std::vector<std::int32_t> live_;            // [max_rows]
+  std::vector<std::int32_t> seen_;            // [max_rows]
+  std::vector<std::int32_t> peak_;            // [max_rows]
   std::vector<std::vector<int>> free_slots_;  // [max_rows] holes, refilled LIFO
-  std::vector<row_state> state_;          // [max_rows]
-  std::vector<bool> active_;              // [max_sequences]
+  std::vector<row_state> state_;              // [max_rows]
+  std::vector<bool> active_;                  // [max_sequences]
   std::vector<int> scratch_;
   std::int64_t live_total_ = 0;
   std::int64_t peak_total_ = 0;

@@ -27,7 +27,9 @@ DMS_NAMESPACE_BEGIN
 namespace dms_rule {
 
 /// sigmoid(l) > 0.5. False for NaN, so a corrupt logit keeps its token.
-DMS_HOST_DEVICE bool evicts(float logit) { return logit > 0.0f; }
+DMS_HOST_DEVICE bool evicts(float logit) {
+  return logit > 0.0f;
+}
 
 /// Spec rule 4: key j is visible to query t (j <= t) iff it is unflagged or t - j <= window.
 DMS_HOST_DEVICE bool visible(bool flagged, std::int32_t key_position, std::int32_t query_position,
@@ -45,7 +47,8 @@ DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, const std::uint8_t* ri
   return flagged ? ring_slot[i] : -1;
 }
 
-/// Records token t in `slot`: its logit flags token t-1 (the shift rule), t itself starts unflagged.
+/// Records token t in `slot`: its logit flags token t-1 (the shift rule), t itself starts
+/// unflagged.
 DMS_HOST_DEVICE void record(std::int32_t* ring_slot, std::uint8_t* ring_flag, std::int32_t t,
                             std::int32_t window, float logit, std::int32_t slot) {
   if (t > 0) ring_flag[(t - 1) % (window + 1)] = evicts(logit) ? 1 : 0;
@@ -55,8 +58,8 @@ DMS_HOST_DEVICE void record(std::int32_t* ring_slot, std::uint8_t* ring_flag, st
 
 /// Flag of the cached token at `position` in a row that has seen `seen` tokens. Tokens older than
 /// the ring are survivors (a flagged one would have been overwritten); the newest is unknown (0).
-DMS_HOST_DEVICE bool flagged(const std::uint8_t* ring_flag, std::int32_t position, std::int32_t seen,
-                             std::int32_t window) {
+DMS_HOST_DEVICE bool flagged(const std::uint8_t* ring_flag, std::int32_t position,
+                             std::int32_t seen, std::int32_t window) {
   if (position >= seen - 1 || position < seen - (window + 1)) return false;
   return ring_flag[position % (window + 1)] != 0;
 }

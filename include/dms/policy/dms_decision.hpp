@@ -44,7 +44,8 @@ void take_decision_logits(std::span<T> q, std::span<float> logits, const cache_c
   for (std::size_t t = 0; t < tokens; ++t)
     for (int g = 0; g < cfg.num_kv_heads; ++g)
       logits[t * cfg.num_kv_heads + g] = take_decision_logit(
-          q.data() + t * per_token + std::size_t(g) * cfg.group_size * cfg.head_dim, cfg.head_dim, r);
+          q.data() + t * per_token + std::size_t(g) * cfg.group_size * cfg.head_dim, cfg.head_dim,
+          r);
 }
 
 template <class T>
@@ -62,7 +63,8 @@ void zero_decision_channels(std::span<T> q, const cache_config& cfg) {
                  " elements, not a multiple of num_query_heads * head_dim = ", per_token);
   for (std::size_t t = 0; t < q.size() / per_token; ++t)
     for (int g = 0; g < cfg.num_kv_heads; ++g)
-      q[t * per_token + (std::size_t(g) * cfg.group_size + 1) * cfg.head_dim - 1] = from_float<T>(0.0f);
+      q[t * per_token + (std::size_t(g) * cfg.group_size + 1) * cfg.head_dim - 1] =
+          from_float<T>(0.0f);
 }
 
 template <class T>

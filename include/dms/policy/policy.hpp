@@ -5,12 +5,12 @@
 // reuse (before it is appended) and which slots to drop once attention has run. The cache calls
 // the hooks through policy<Derived>; the base supplies defaults for the optional ones.
 //
-//  Hook (R = required)                               | Called                         | Default
+//  Hook (* = required)                               | Called                         | Default
 //  --------------------------------------------------|--------------------------------|----------------
-//R const char* name() const                          | reports                        | -
-//R int choose_victim(const Row&, const token_info&)  | before each append; const; the | -
+//* const char* name() const                          | reports                        | -
+//* int choose_victim(const Row&, const token_info&)  | before each append; const; the | -
 //      const -> slot to overwrite, or -1             | cache checks capacity first    |
-//R void after_attention(Seq&)                        | after each decode step's       | -
+//* void after_attention(Seq&)                        | after each decode step's       | -
 //                                                    | attention (finish_step)        |
 //  using row_state = ...; void init_row(row_state&)  | per row, on add_sequence       | empty state
 //  void on_append(Row&, const token_info&, int slot) | after a token lands in a slot  | nothing
@@ -31,8 +31,8 @@
 // Row is a handle with length(), live(), tokens_seen(), num_pages(), page_size(), position(slot),
 // score(slot), page_min/max(page), state(), evict(slot), compact(); Seq has num_rows() and
 // row(kv_head). Policies with uses_decision_logits also provide window() and
-// flagged(const row_state&, position, tokens_seen) for the prefill visibility rule. A missing required hook fails to
-// compile with a static_assert that names it (see check_policy_hooks below).
+// flagged(const row_state&, position, tokens_seen) for the prefill visibility rule. A missing
+// required hook fails to compile with a static_assert that names it (see check_policy_hooks below).
 
 #include <concepts>
 #include <cstdint>

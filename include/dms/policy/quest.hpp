@@ -25,7 +25,8 @@ DMS_NAMESPACE_BEGIN
 namespace quest_rule {
 
 /// Upper bound of q . k over keys with kmin <= k <= kmax (channel-wise).
-DMS_HOST_DEVICE float upper_bound(const float* q, const float* kmin, const float* kmax, int head_dim) {
+DMS_HOST_DEVICE float upper_bound(const float* q, const float* kmin, const float* kmax,
+                                  int head_dim) {
   float u = 0.0f;
   for (int c = 0; c < head_dim; ++c) {
     const float a = q[c] * kmin[c], b = q[c] * kmax[c];
@@ -77,8 +78,8 @@ struct quest_policy : policy<quest_policy> {
     for (int p = 0; p < n; ++p) {
       float best = quest_rule::upper_bound(q, row.page_min(p), row.page_max(p), head_dim);
       for (int g = 1; g < group_size; ++g)
-        best = std::max(best, quest_rule::upper_bound(q + std::size_t(g) * head_dim, row.page_min(p),
-                                                      row.page_max(p), head_dim));
+        best = std::max(best, quest_rule::upper_bound(q + std::size_t(g) * head_dim,
+                                                      row.page_min(p), row.page_max(p), head_dim));
       scores[p] = best;
     }
   }
@@ -97,7 +98,9 @@ struct quest_policy : policy<quest_policy> {
     std::vector<float> scores;
     score_pages(row, q, group_size, head_dim, scores);
     for (int p = 0; p < n - 1; ++p) pages.push_back(p);
-    const auto better = [&](int a, int b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
+    const auto better = [&](int a, int b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    };
     std::partial_sort(pages.begin(), pages.begin() + (budget - 1), pages.end(), better);
     pages.resize(budget - 1);
     std::sort(pages.begin(), pages.end());

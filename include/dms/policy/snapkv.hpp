@@ -47,7 +47,7 @@ struct snapkv_policy : policy<snapkv_policy> {
   /// Only the observation window's queries vote; prompt_end is -1 in decode.
   constexpr score_update score_for_query(int query_position, int prompt_end) const {
     return prompt_end >= 0 && query_position >= prompt_end - params_.window ? score_update::add
-                                                                             : score_update::none;
+                                                                            : score_update::none;
   }
 
   template <class Row>
@@ -75,7 +75,8 @@ struct snapkv_policy : policy<snapkv_policy> {
     const int n = int(by_pos.size()), half = params_.kernel / 2;
     std::vector<std::pair<float, int>> out(n);
     for (int i = 0; i < n; ++i) {
-      float acc = params_.pooling == snapkv_pooling::max ? -std::numeric_limits<float>::infinity() : 0.0f;
+      float acc =
+          params_.pooling == snapkv_pooling::max ? -std::numeric_limits<float>::infinity() : 0.0f;
       for (int j = std::max(0, i - half); j <= std::min(n - 1, i + half); ++j) {
         const float x = row.score(by_pos[j].second);
         acc = params_.pooling == snapkv_pooling::max ? std::max(acc, x) : acc + x;

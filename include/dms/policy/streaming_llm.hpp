@@ -42,7 +42,8 @@ struct streaming_params {
 
 struct streaming_llm_policy : policy<streaming_llm_policy> {
   struct row_state {
-    std::vector<std::int32_t> ring_slot;  // [recent] slot of non-sink token p at (p - sinks) % recent
+    std::vector<std::int32_t>
+        ring_slot;  // [recent] slot of non-sink token p at (p - sinks) % recent
   };
 
   streaming_llm_policy() : streaming_llm_policy(streaming_params{}) {}
@@ -65,7 +66,9 @@ struct streaming_llm_policy : policy<streaming_llm_policy> {
   template <class Row>
   void on_append(Row& row, const token_info& tok, int slot) const {
     if (tok.position >= params_.sinks)
-      row.state().ring_slot[streaming_rule::ring_index(tok.position, params_.sinks, params_.recent)] = slot;
+      row.state()
+          .ring_slot[streaming_rule::ring_index(tok.position, params_.sinks, params_.recent)] =
+          slot;
   }
   template <class Row>
   void on_slot_moved(Row& row, int, int to) const {

@@ -65,7 +65,8 @@ struct tova_policy : policy<tova_policy> {
       for (int h = 0; h < seq.num_rows(); ++h) {
         auto& row = seq.row(h);
         while (row.live() > budget)
-          row.evict(detail::lowest_slot(row, row.tokens_seen(), [&](int s) { return row.score(s); }));
+          row.evict(
+              detail::lowest_slot(row, row.tokens_seen(), [&](int s) { return row.score(s); }));
       }
       return;
     }

@@ -21,10 +21,10 @@ namespace reference {
 
 /// Optional outputs of decode_attention.
 struct decode_extras {
-  std::span<float> lse = {};           // [num_query_heads] log-sum-exp of the scaled logits
-  std::vector<float>* probs = nullptr; // [num_query_heads][stride]: probability per slot, where
-                                       // stride = longest row of the sequence; 0 if not read
-  float softmax_scale = 0.0f;          // 0 = 1 / sqrt(head_dim)
+  std::span<float> lse = {};            // [num_query_heads] log-sum-exp of the scaled logits
+  std::vector<float>* probs = nullptr;  // [num_query_heads][stride]: probability per slot, where
+                                        // stride = longest row of the sequence; 0 if not read
+  float softmax_scale = 0.0f;           // 0 = 1 / sqrt(head_dim)
 };
 
 /// q: [num_query_heads][head_dim] of the token just appended to `seq`; out: same shape.
@@ -77,11 +77,13 @@ void decode_attention(paged_cache<T, P>& cache, int seq, std::span<const float> 
     attend_group(qg, G, d, kbuf.data(), n, vbuf.data(), n, nullptr, scale,
                  out.data() + std::size_t(h) * G * d, lse.data(), probs.data());
     cache.record_reads(n);
-    if (!extras.lse.empty()) std::copy(lse.begin(), lse.end(), extras.lse.begin() + std::size_t(h) * G);
+    if (!extras.lse.empty())
+      std::copy(lse.begin(), lse.end(), extras.lse.begin() + std::size_t(h) * G);
     if (extras.probs)
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < n; ++j)
-          (*extras.probs)[(std::size_t(h) * G + g) * stride + slots[j]] = probs[std::size_t(g) * n + j];
+          (*extras.probs)[(std::size_t(h) * G + g) * stride + slots[j]] =
+              probs[std::size_t(g) * n + j];
 
     if constexpr (P::keeps_scores) {
       const score_update how = cache.policy().score_for_query(row.tokens_seen() - 1, -1);
@@ -108,7 +110,8 @@ void decode_step(paged_cache<T, P>& cache, int seq, std::span<const float> q,
   detail::check_size("decode_step: q", q.size(), qn);
   detail::check_size("decode_step: out", out.size(), qn);
   if (!extras.lse.empty())
-    detail::check_size("decode_step: lse", extras.lse.size(), std::size_t(cache.config().num_query_heads()));
+    detail::check_size("decode_step: lse", extras.lse.size(),
+                       std::size_t(cache.config().num_query_heads()));
   cache.append(seq, k, v, decision_logits);
   decode_attention(cache, seq, q, out, extras);
   cache.finish_step(seq);

@@ -33,7 +33,7 @@ struct prefill_chunk_inputs {
   std::span<const float> v = {};                // [tokens][num_kv_heads][head_dim]
   std::span<const float> decision_logits = {};  // [tokens][num_kv_heads]; ignored by policies
                                                 // that take none
-  int padding = 0;                         // leading tokens that are left padding
+  int padding = 0;                              // leading tokens that are left padding
 };
 
 struct prefill_outputs {
@@ -48,7 +48,8 @@ struct prefill_outputs {
 /// prompt, and DMS's reuses follow from the shift rule (the slot of token t-w-1 is reused iff that
 /// token is flagged). A user policy that evicts inside the prompt gets the no-eviction bound.
 template <storage_type T, class P>
-void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const float> logits, int n) {
+void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const float> logits,
+                           int n) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads;
   std::int64_t pages = 0;
@@ -61,24 +62,25 @@ void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const fl
       for (std::int32_t t = t0; t < t0 + n; ++t) {
         const std::int32_t p = t - w - 1;
         if (p < 0) continue;
-        const bool flagged = p >= t0 - 1 ? dms_rule::evicts(logits[std::size_t(p + 1 - t0) * Hk + h])
-                                         : cache.policy().flagged(row.state(), p, t0);
+        const bool flagged = p >= t0 - 1
+                                 ? dms_rule::evicts(logits[std::size_t(p + 1 - t0) * Hk + h])
+                                 : cache.policy().flagged(row.state(), p, t0);
         fresh -= flagged ? 1 : 0;
       }
     }
     const int grow = std::max(0, fresh - (row.length() - row.live()));  // holes are refilled first
     if (std::int64_t{row.length()} + grow > cfg.max_row_slots)
       detail::fail("prefill: row of sequence ", seq, ", kv head ", h, " would need ",
-                          row.length() + grow, " slots (cache_config.max_row_slots = ",
-                          cfg.max_row_slots, ")");
+                   row.length() + grow, " slots (cache_config.max_row_slots = ", cfg.max_row_slots,
+                   ")");
     pages += (row.length() + grow + cfg.page_size - 1) / cfg.page_size -
              (row.length() + cfg.page_size - 1) / cfg.page_size;
   }
   const int free_pages = cfg.max_pages - cache.stats().pages_in_use;
   if (pages > free_pages)
     detail::fail("page pool exhausted: prefill of ", n, " tokens for sequence ", seq, " needs ",
-                        pages, " new pages, ", free_pages, " of cache_config.max_pages = ",
-                        cfg.max_pages, " are free");
+                 pages, " new pages, ", free_pages, " of cache_config.max_pages = ", cfg.max_pages,
+                 " are free");
 }
 
 /// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
@@ -91,7 +93,8 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
   auto seq_ref = cache.sequence(seq);  // validates seq
   if (in.q.size() % qrow != 0)
-    detail::fail("prefill: q has ", in.q.size(), " elements, not a multiple of num_query_heads * head_dim = ", qrow);
+    detail::fail("prefill: q has ", in.q.size(),
+                 " elements, not a multiple of num_query_heads * head_dim = ", qrow);
   const int tokens = int(in.q.size() / qrow);
   detail::check_size("prefill: k", in.k.size(), tokens * krow);
   detail::check_size("prefill: v", in.v.size(), tokens * krow);
@@ -106,19 +109,22 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   if (t0 + n > prompt_length)
     detail::fail("prefill: chunk ends at token ", t0 + n, ", past prompt_length = ", prompt_length);
   if constexpr (P::uses_decision_logits) {
-    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(),
+                       std::size_t(tokens) * Hk);
     for (std::size_t i = std::size_t(in.padding) * Hk; i < in.decision_logits.size(); ++i)
       if (!std::isfinite(in.decision_logits[i]))
-        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk, "] = ", in.decision_logits[i],
-                     " is not finite");
+        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk,
+                     "] = ", in.decision_logits[i], " is not finite");
   } else if (!in.decision_logits.empty()) {
-    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(),
+                       std::size_t(tokens) * Hk);
   }
 
   check_prompt_capacity(cache, seq,
-                                P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
-                                                        : std::span<const float>{},
-                                n);
+                        P::uses_decision_logits
+                            ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                            : std::span<const float>{},
+                        n);
 
   const float scale = softmax_scale_or_default(o.softmax_scale, d);
   const auto view = cache.view();
@@ -166,7 +172,9 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
     }
     if constexpr (P::uses_decision_logits) {
       // Shift rule: the logit of token t flags token t-1; the first token's flags nothing.
-      const auto logit = [&](int i) { return in.decision_logits[std::size_t(in.padding + i) * Hk + h]; };
+      const auto logit = [&](int i) {
+        return in.decision_logits[std::size_t(in.padding + i) * Hk + h];
+      };
       for (int j = 0; j < c; ++j) {
         if (pos[j] == t0 - 1)
           flag[j] = n > 0 && dms_rule::evicts(logit(0));
@@ -188,10 +196,11 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
           visible[j] = 1;
       }
       const std::size_t qoff = std::size_t(in.padding + i) * qrow + std::size_t(h) * G * d;
-      attend_group(in.q.data() + qoff, G, d, kbuf.data(), m, vbuf.data(), keys, visible.data(), scale,
-                   o.out.data() + qoff, lse.data(), probs.data());
+      attend_group(in.q.data() + qoff, G, d, kbuf.data(), m, vbuf.data(), keys, visible.data(),
+                   scale, o.out.data() + qoff, lse.data(), probs.data());
       if (!o.lse.empty())
-        std::copy(lse.begin(), lse.end(), o.lse.begin() + std::ptrdiff_t(in.padding + i) * H + h * G);
+        std::copy(lse.begin(), lse.end(),
+                  o.lse.begin() + std::ptrdiff_t(in.padding + i) * H + h * G);
       if constexpr (P::keeps_scores) {
         const score_update how = cache.policy().score_for_query(t, prompt_length);
         if (how == score_update::none) continue;
@@ -210,8 +219,8 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   // Append the chunk: the same bookkeeping as decode, so DMS reuses expired slots as it goes.
   for (int i = 0; i < n; ++i) {
     const std::size_t t = std::size_t(in.padding + i);
-    const auto logits = P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk)
-                                                : std::span<const float>{};
+    const auto logits =
+        P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk) : std::span<const float>{};
     cache.append(seq, in.k.subspan(t * krow, krow), in.v.subspan(t * krow, krow), logits, true);
   }
   if constexpr (P::keeps_scores) {
@@ -237,7 +246,8 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
   const std::size_t H = std::size_t(cfg.num_query_heads()), Hk = std::size_t(cfg.num_kv_heads);
   detail::check_range("prefill: chunk_size", chunk_size, 1, 1 << 30);
   if (in.q.size() % qrow != 0)
-    detail::fail("prefill: q has ", in.q.size(), " elements, not a multiple of num_query_heads * head_dim = ", qrow);
+    detail::fail("prefill: q has ", in.q.size(),
+                 " elements, not a multiple of num_query_heads * head_dim = ", qrow);
   const int tokens = int(in.q.size() / qrow);
   // Validate the whole prompt before the first chunk runs, so a bad later chunk cannot leave the
   // earlier ones applied.
@@ -246,25 +256,29 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
   detail::check_size("prefill: out", o.out.size(), tokens * qrow);
   if (!o.lse.empty()) detail::check_size("prefill: lse", o.lse.size(), std::size_t(tokens) * H);
   if (P::uses_decision_logits || !in.decision_logits.empty())
-    detail::check_size("prefill: decision_logits", in.decision_logits.size(), std::size_t(tokens) * Hk);
+    detail::check_size("prefill: decision_logits", in.decision_logits.size(),
+                       std::size_t(tokens) * Hk);
   if constexpr (P::uses_decision_logits)
     for (std::size_t i = std::size_t(in.padding) * Hk; i < in.decision_logits.size(); ++i)
       if (!std::isfinite(in.decision_logits[i]))
-        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk, "] = ", in.decision_logits[i],
-                     " is not finite");
+        detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk,
+                     "] = ", in.decision_logits[i], " is not finite");
   detail::check_range("prefill: padding", in.padding, 0, tokens);
   const int prompt_length = cache.sequence(seq).row(0).tokens_seen() + tokens - in.padding;
   if (in.padding > 0 && prompt_length - (tokens - in.padding) > 0)
     detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ",
-                 prompt_length - (tokens - in.padding), " tokens; left padding must precede every real token");
+                 prompt_length - (tokens - in.padding),
+                 " tokens; left padding must precede every real token");
   check_prompt_capacity(cache, seq,
-                                P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
-                                                        : std::span<const float>{},
-                                tokens - in.padding);
+                        P::uses_decision_logits
+                            ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                            : std::span<const float>{},
+                        tokens - in.padding);
   for (int begin = 0; begin < tokens; begin += chunk_size) {
     const int len = std::min(chunk_size, tokens - begin);
     const auto part = [&](auto span, std::size_t per) {
-      return span.size() == 0 ? span : span.subspan(std::size_t(begin) * per, std::size_t(len) * per);
+      return span.size() == 0 ? span
+                              : span.subspan(std::size_t(begin) * per, std::size_t(len) * per);
     };
     prefill_chunk_inputs chunk{part(in.q, qrow), part(in.k, krow), part(in.v, krow),
                                part(in.decision_logits, Hk),
