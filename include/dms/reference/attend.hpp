@@ -27,11 +27,17 @@ inline void attend_group(const float* q, int G, int d, const float* kt, int ldk,
   for (int g = 0; g < G; ++g) {
     const float* qg = q + std::size_t(g) * d;
     float* pg = probs + std::size_t(g) * n;
-    std::fill(pg, pg + n, 0.0f);
-    for (int c = 0; c < d; ++c) {
-      const float qc = qg[c] * scale;
-      const float* kc = kt + std::size_t(c) * ldk;
-      for (int j = 0; j < n; ++j) pg[j] += qc * kc[j];
+    // Tiles of keys keep the partial logits in L1 (or registers) across the d channel passes.
+    constexpr int tile = 64;
+    for (int j0 = 0; j0 < n; j0 += tile) {
+      const int len = std::min(tile, n - j0);
+      float acc[tile] = {};
+      for (int c = 0; c < d; ++c) {
+        const float qc = qg[c] * scale;
+        const float* kc = kt + std::size_t(c) * ldk + j0;
+        for (int j = 0; j < len; ++j) acc[j] += qc * kc[j];
+      }
+      std::copy_n(acc, len, pg + j0);
     }
     float m = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < n; ++j) {
@@ -52,7 +58,6 @@ inline void attend_group(const float* q, int G, int d, const float* kt, int ldk,
     float* og = out + std::size_t(g) * d;
     for (int j = 0; j < n; ++j) {
       pg[j] *= inv;
-      if (pg[j] == 0.0f) continue;
       const float p = pg[j];
       const float* vj = v + std::size_t(j) * d;
       for (int c = 0; c < d; ++c) og[c] += p * vj[c];
