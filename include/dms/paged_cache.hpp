@@ -271,38 +271,8 @@ class paged_cache {
 
   // ---- views and accounting --------------------------------------------------------------
 
-  cache_view<T> view() {
-    return {pool_.k(),
-            pool_.v(),
-            pool_.position(),
-            pool_.score(),
-            pool_.page_min(),
-            pool_.page_max(),
-            page_table_.data(),
-            length_.data(),
-            cfg_.num_kv_heads,
-            cfg_.group_size,
-            cfg_.head_dim,
-            cfg_.page_size,
-            cfg_.max_pages_per_row(),
-            cfg_.max_rows()};
-  }
-  cache_view<const T> view() const {
-    return {pool_.k(),
-            pool_.v(),
-            pool_.position(),
-            pool_.score(),
-            pool_.page_min(),
-            pool_.page_max(),
-            page_table_.data(),
-            length_.data(),
-            cfg_.num_kv_heads,
-            cfg_.group_size,
-            cfg_.head_dim,
-            cfg_.page_size,
-            cfg_.max_pages_per_row(),
-            cfg_.max_rows()};
-  }
+  cache_view<T> view() { return make_view<T>(*this); }
+  cache_view<const T> view() const { return make_view<const T>(*this); }
 
   [[nodiscard]] cache_stats stats() const {
     cache_stats st;
@@ -328,6 +298,26 @@ class paged_cache {
   }
 
  private:
+  // One body for both views; Self's constness picks the pool's const or mutable accessors.
+  template <class V, class Self>
+  static cache_view<V> make_view(Self& self) {
+    const cache_config& c = self.cfg_;
+    return {self.pool_.k(),
+            self.pool_.v(),
+            self.pool_.position(),
+            self.pool_.score(),
+            self.pool_.page_min(),
+            self.pool_.page_max(),
+            self.page_table_.data(),
+            self.length_.data(),
+            c.num_kv_heads,
+            c.group_size,
+            c.head_dim,
+            c.page_size,
+            c.max_pages_per_row(),
+            c.max_rows()};
+  }
+
   void check_sequence(int seq) const {
     if (!contains(seq))
       detail::fail("unknown sequence id ", seq, " (valid: ids returned by add_sequence, in [0, ",
