@@ -37,6 +37,8 @@ struct cache_config {
     return (max_row_slots + page_size - 1) / page_size;
   }
 
+  friend constexpr bool operator==(const cache_config&, const cache_config&) = default;
+
   /// Throws dms::error naming the first invalid field.
   void validate() const {
     detail::check_range("cache_config.num_kv_heads", num_kv_heads, 1, 1024);

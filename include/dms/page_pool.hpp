@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "dms/cache_config.hpp"
@@ -60,6 +61,14 @@ class page_pool {
   void release(std::int32_t page) {
     detail::check_range("page id", page, 0, max_pages_ - 1);
     free_.push_back(page);
+  }
+
+  /// The free list, bottom first: back() is the next page allocate() hands out.
+  [[nodiscard]] const std::vector<std::int32_t>& free_list() const { return free_; }
+  /// Replaces the free list (loading a cache image); the caller keeps it consistent.
+  void assign_free_list(std::vector<std::int32_t> pages) {
+    for (const auto p : pages) detail::check_range("free page id", p, 0, max_pages_ - 1);
+    free_ = std::move(pages);
   }
 
   // Raw storage, laid out as documented on cache_view.

@@ -24,7 +24,9 @@
 #include "dms/numeric.hpp"
 #include "dms/page_pool.hpp"
 #include "dms/policy/dense.hpp"
+#include "dms/policy/device_policy.hpp"
 #include "dms/policy/policy.hpp"
+#include "dms/step/cache_image.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -269,6 +271,111 @@ class paged_cache {
   /// Attention reports how many slots it read (the paper's "KV-cache token reads").
   void record_reads(std::int64_t slots) { reads_ += slots; }
 
+  // ---- images: the flat interchange format of the device cache ---------------------------
+
+  /// A copy of the whole cache in the flat layout of dms/step/cache_state.hpp.
+  [[nodiscard]] cache_image<T> to_image() const {
+    const int ring = ring_length();
+    cache_image<T> img(cfg_, Policy::keeps_scores, Policy::needs_page_bounds, ring,
+                       ring_has_flags());
+    img.k.assign(pool_.k(), pool_.k() + img.k.size());
+    img.v.assign(pool_.v(), pool_.v() + img.v.size());
+    img.position.assign(pool_.position(), pool_.position() + img.position.size());
+    if (pool_.score()) img.score.assign(pool_.score(), pool_.score() + img.score.size());
+    if (pool_.page_min()) {
+      img.page_min.assign(pool_.page_min(), pool_.page_min() + img.page_min.size());
+      img.page_max.assign(pool_.page_max(), pool_.page_max() + img.page_max.size());
+    }
+    img.page_table = page_table_;
+    img.row_length = length_;
+    img.live = live_;
+    img.seen = seen_;
+    img.peak = peak_;
+    auto st = img.state();
+    for (int r = 0; r < cfg_.max_rows(); ++r) {
+      // Thread the holes through `position`, bottom of the host stack first, so the image pops
+      // them in the host's order.
+      st.hole_head[r] = -1;
+      for (const int slot : free_slots_[r]) {
+        ++st.live[r];  // push_hole counts a live slot going away
+        st.push_hole(r, slot);
+      }
+    }
+    const auto& free = pool_.free_list();
+    std::copy(free.begin(), free.end(), img.free_pages.begin());
+    img.free_top = std::int32_t(free.size());
+    for (int s = 0; s < cfg_.max_sequences; ++s) {
+      img.active[s] = active_[s] ? 1 : 0;
+      if constexpr (!std::is_same_v<row_state, no_row_state>) {
+        if (!active_[s]) continue;
+        for (int h = 0; h < cfg_.num_kv_heads; ++h) {
+          const std::size_t r = std::size_t(row_index(s, h));
+          policy_.pack_row_state(state_[r], img.ring_slot.data() + r * ring,
+                                 img.ring_flag.empty() ? nullptr : img.ring_flag.data() + r * ring);
+        }
+      }
+    }
+    return img;
+  }
+
+  /// Replaces the whole cache by an image of the same configuration and policy (a device
+  /// cache's download, say). Throws, leaving the cache unchanged, if the shapes differ.
+  void load_image(const cache_image<T>& img) {
+    if (!(img.config == cfg_))
+      detail::fail("load_image: the image's cache_config differs from this cache's");
+    if (img.ring_length != ring_length())
+      detail::fail("load_image: image ring_length = ", img.ring_length, ", this policy needs ",
+                   ring_length());
+    if (img.free_top < 0 || img.free_top > cfg_.max_pages)
+      detail::fail("load_image: free_top = ", img.free_top, " is outside [0, ", cfg_.max_pages,
+                   "]");
+    std::vector<std::int32_t> free(img.free_pages.begin(), img.free_pages.begin() + img.free_top);
+    pool_.assign_free_list(std::move(free));
+    std::copy(img.k.begin(), img.k.end(), pool_.k());
+    std::copy(img.v.begin(), img.v.end(), pool_.v());
+    std::copy(img.position.begin(), img.position.end(), pool_.position());
+    if (pool_.score()) std::copy(img.score.begin(), img.score.end(), pool_.score());
+    if (pool_.page_min()) {
+      std::copy(img.page_min.begin(), img.page_min.end(), pool_.page_min());
+      std::copy(img.page_max.begin(), img.page_max.end(), pool_.page_max());
+    }
+    page_table_ = img.page_table;
+    length_ = img.row_length;
+    live_ = img.live;
+    seen_ = img.seen;
+    peak_ = img.peak;
+    live_total_ = 0;
+    auto vw = view();
+    for (int r = 0; r < cfg_.max_rows(); ++r) {
+      // Walk the hole list top-down; the host stack wants it bottom first.
+      auto& holes = free_slots_[r];
+      holes.clear();
+      for (int slot = img.hole_head[r]; slot >= 0;) {
+        holes.push_back(slot);
+        std::int32_t& p = vw.position[vw.slot_index(r, slot)];
+        slot = p == -1 ? -1 : -2 - p;
+        p = -1;
+      }
+      std::reverse(holes.begin(), holes.end());
+      live_total_ += live_[r];
+    }
+    peak_total_ = std::max(peak_total_, live_total_);
+    const int ring = ring_length();
+    for (int s = 0; s < cfg_.max_sequences; ++s) {
+      active_[s] = img.active[s] != 0;
+      for (int h = 0; h < cfg_.num_kv_heads; ++h) {
+        const std::size_t r = std::size_t(s) * cfg_.num_kv_heads + h;
+        state_[r] = row_state{};
+        if (!active_[s]) continue;
+        policy_.derived().init_row(state_[r]);
+        if constexpr (!std::is_same_v<row_state, no_row_state>)
+          policy_.unpack_row_state(
+              state_[r], img.ring_slot.data() + r * ring,
+              img.ring_flag.empty() ? nullptr : img.ring_flag.data() + r * ring);
+      }
+    }
+  }
+
   // ---- views and accounting --------------------------------------------------------------
 
   cache_view<T> view() { return make_view<T>(*this); }
@@ -316,6 +423,17 @@ class paged_cache {
             c.page_size,
             c.max_pages_per_row(),
             c.max_rows()};
+  }
+
+  // Per-row ring of the policy's device form (0 for policies without one, or without state).
+  int ring_length() const {
+    if constexpr (has_device_form<Policy> && !std::is_same_v<row_state, no_row_state>)
+      return policy_.device_form().ring_length();
+    return 0;
+  }
+  static constexpr bool ring_has_flags() {
+    if constexpr (has_device_form<Policy>) return device_form_t<Policy>::ring_flags;
+    return false;
   }
 
   void check_sequence(int seq) const {

@@ -6,8 +6,13 @@
 
 #include "dms/config.hpp"
 #include "dms/policy/policy.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
+
+struct dense_device_policy : device_policy_base {
+  DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
+};
 
 struct dense_policy : policy<dense_policy> {
   const char* name() const { return "dense"; }
@@ -17,6 +22,7 @@ struct dense_policy : policy<dense_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}
+  [[nodiscard]] dense_device_policy device_form() const { return {}; }
 };
 
 DMS_NAMESPACE_END

@@ -20,6 +20,7 @@
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -66,6 +67,20 @@ DMS_HOST_DEVICE bool flagged(const std::uint8_t* ring_flag, std::int32_t positio
 
 }  // namespace dms_rule
 
+/// Device form (dms/policy/device_policy.hpp): the same ring, one row per thread.
+struct dms_device_policy : device_policy_base {
+  std::int32_t window;
+  static constexpr bool ring_flags = true;
+  DMS_HOST_DEVICE int ring_length() const { return window + 1; }
+  DMS_HOST_DEVICE int choose_victim(const row_context& row, const token_info& tok) const {
+    return dms_rule::victim(row.ring_slot, row.ring_flag, tok.position, window,
+                            tok.decision_logit);
+  }
+  DMS_HOST_DEVICE void on_append(const row_context& row, const token_info& tok, int slot) const {
+    dms_rule::record(row.ring_slot, row.ring_flag, tok.position, window, tok.decision_logit, slot);
+  }
+};
+
 struct dms_params {
   /// Sliding window w: a flagged token stays visible for w more queries (512 in Qwen3-8B-DMS-8x).
   int window = 512;
@@ -104,6 +119,17 @@ struct dms_policy : policy<dms_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}  // eviction is decided at append time, by the shift rule
+
+  [[nodiscard]] dms_device_policy device_form() const { return {{}, params_.window}; }
+  void pack_row_state(const row_state& s, std::int32_t* slot, std::uint8_t* flag) const {
+    for (std::size_t i = 0; i < s.ring_slot.size(); ++i) slot[i] = s.ring_slot[i];
+    for (std::size_t i = 0; i < s.ring_flag.size(); ++i) flag[i] = s.ring_flag[i];
+  }
+  void unpack_row_state(row_state& s, const std::int32_t* slot, const std::uint8_t* flag) const {
+    init_row(s);
+    for (std::size_t i = 0; i < s.ring_slot.size(); ++i) s.ring_slot[i] = slot[i];
+    for (std::size_t i = 0; i < s.ring_flag.size(); ++i) s.ring_flag[i] = flag[i];
+  }
 
   /// Prefill asks this for keys already in the cache (the chunk's own flags come from its logits).
   [[nodiscard]] bool flagged(const row_state& s, std::int32_t position, std::int32_t seen) const {

@@ -14,12 +14,25 @@
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
 #include "dms/policy/ranking.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
 struct h2o_params {
   int budget = 512;  // heavy + recent tokens kept per row
   int recent = 256;  // newest tokens always kept
+};
+
+/// Device form: accumulated scores, the `recent` newest tokens protected.
+struct h2o_device_policy : device_policy_base {
+  int keep;
+  int recent;
+  static constexpr bool evicts_by_score = true;
+  static constexpr bool keeps_scores = true;
+  static constexpr score_update decode_score = score_update::add;
+  DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
+  DMS_HOST_DEVICE int budget() const { return keep; }
+  DMS_HOST_DEVICE std::int32_t protected_from(std::int32_t seen) const { return seen - recent; }
 };
 
 struct h2o_policy : policy<h2o_policy> {
@@ -44,6 +57,10 @@ struct h2o_policy : policy<h2o_policy> {
   void after_attention(Seq& seq) const {
     for (int h = 0; h < seq.num_rows(); ++h) reduce(seq.row(h));
   }
+  [[nodiscard]] h2o_device_policy device_form() const {
+    return {{}, params_.budget, params_.recent};
+  }
+
   template <class Seq>
   void compress_prompt(Seq& seq) const {
     for (int h = 0; h < seq.num_rows(); ++h) {

@@ -19,6 +19,7 @@
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -42,6 +43,19 @@ DMS_HOST_DEVICE int page_budget(int token_budget, int page_size) {
 }
 
 }  // namespace quest_rule
+
+/// Device form: page bounds on append, page selection in decode.
+struct quest_device_policy : device_policy_base {
+  int token_budget;
+  bool dense;  // a layer below dense_layers reads every page
+  static constexpr bool needs_page_bounds = true;
+  static constexpr bool selects_pages = true;
+  DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
+  /// Pages read per row (the current one included); a dense layer reads all.
+  DMS_HOST_DEVICE int page_budget(int page_size) const {
+    return dense ? 0x7fffffff : quest_rule::page_budget(token_budget, page_size);
+  }
+};
 
 struct quest_params {
   int token_budget = 1024;  // B: tokens read per step (B / page_size pages)
@@ -68,6 +82,10 @@ struct quest_policy : policy<quest_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}
+
+  [[nodiscard]] quest_device_policy device_form() const {
+    return {{}, params_.token_budget, params_.layer < params_.dense_layers};
+  }
 
   /// Page scores U for every page but the last, max over the group. q is [G][head_dim].
   template <class Row>

@@ -18,6 +18,7 @@
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
 #include "dms/policy/ranking.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -28,6 +29,12 @@ struct snapkv_params {
   int window = 32;      // observation window W_obs: the last prompt queries, always kept
   int kernel = 7;       // pooling width (odd)
   snapkv_pooling pooling = snapkv_pooling::max;
+};
+
+/// Device form: decode after the prompt is dense; scores exist for the prompt's vote.
+struct snapkv_device_policy : device_policy_base {
+  static constexpr bool keeps_scores = true;
+  DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
 };
 
 struct snapkv_policy : policy<snapkv_policy> {
@@ -56,6 +63,8 @@ struct snapkv_policy : policy<snapkv_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}
+
+  [[nodiscard]] snapkv_device_policy device_form() const { return {}; }
 
   template <class Seq>
   void compress_prompt(Seq& seq) const {

@@ -15,6 +15,7 @@
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -34,6 +35,20 @@ DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, int live, std::int32_t
 }
 
 }  // namespace streaming_rule
+
+/// Device form: decode's ring of `recent` slots (the prompt is reduced by compress_prompt).
+struct streaming_device_policy : device_policy_base {
+  std::int32_t sinks;
+  std::int32_t recent;
+  DMS_HOST_DEVICE int ring_length() const { return recent; }
+  DMS_HOST_DEVICE int choose_victim(const row_context& row, const token_info& tok) const {
+    if (tok.in_prompt) return -1;
+    return streaming_rule::victim(row.ring_slot, row.live, tok.position, sinks, recent);
+  }
+  DMS_HOST_DEVICE void on_append(const row_context& row, const token_info& tok, int slot) const {
+    if (tok.position >= sinks) row.ring_slot[streaming_rule::ring_index(tok.position, sinks, recent)] = slot;
+  }
+};
 
 struct streaming_params {
   int sinks = 4;
@@ -78,6 +93,17 @@ struct streaming_llm_policy : policy<streaming_llm_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}  // eviction happens when the next token arrives
+
+  [[nodiscard]] streaming_device_policy device_form() const {
+    return {{}, params_.sinks, params_.recent};
+  }
+  void pack_row_state(const row_state& s, std::int32_t* slot, std::uint8_t*) const {
+    for (std::size_t i = 0; i < s.ring_slot.size(); ++i) slot[i] = s.ring_slot[i];
+  }
+  void unpack_row_state(row_state& s, const std::int32_t* slot, const std::uint8_t*) const {
+    init_row(s);
+    for (std::size_t i = 0; i < s.ring_slot.size(); ++i) s.ring_slot[i] = slot[i];
+  }
 
   template <class Seq>
   void compress_prompt(Seq& seq) const {

@@ -19,6 +19,7 @@
 #include "dms/error.hpp"
 #include "dms/policy/policy.hpp"
 #include "dms/policy/ranking.hpp"
+#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -27,6 +28,16 @@ enum class tova_ranking { per_kv_head, layer_average };
 struct tova_params {
   int budget = 512;  // tokens kept per row after each step
   tova_ranking ranking = tova_ranking::per_kv_head;
+};
+
+/// Device form: per-KV-head ranking (layer_average has no device form yet).
+struct tova_device_policy : device_policy_base {
+  int keep;
+  static constexpr bool evicts_by_score = true;
+  static constexpr bool keeps_scores = true;
+  static constexpr score_update decode_score = score_update::assign;
+  DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
+  DMS_HOST_DEVICE int budget() const { return keep; }
 };
 
 struct tova_policy : policy<tova_policy> {
@@ -52,6 +63,12 @@ struct tova_policy : policy<tova_policy> {
   void after_attention(Seq& seq) const {
     reduce_to(seq, params_.budget);
   }
+  [[nodiscard]] tova_device_policy device_form() const {
+    if (params_.ranking != tova_ranking::per_kv_head)
+      detail::fail("tova_params.ranking = layer_average has no device form; use per_kv_head");
+    return {{}, params_.budget};
+  }
+
   template <class Seq>
   void compress_prompt(Seq& seq) const {
     reduce_to(seq, params_.budget);
