@@ -158,13 +158,16 @@ DMS_HOST_DEVICE void evict_row_by_score(const cache_state<T>& st, const DevicePo
 // ---- serial drivers: the same algorithm, one row at a time --------------------------------
 
 /// Appends one token to every row of every sequence in seq_ids. Returns ok, or the first error
-/// (also recorded in *st.status if none was), in which case nothing changed.
+/// in row order (recorded in *st.status), in which case nothing changed. Does nothing and
+/// returns the recorded status if an earlier step failed.
 template <class T, class DevicePolicy, class In>
 step_status append_batch(const cache_state<T>& st, const DevicePolicy& policy,
                          std::span<const std::int32_t> seq_ids, const In* k, const In* v,
                          const float* decision_logits, bool in_prompt) {
+  if (*st.status != 0) return step_status(*st.status);
   const int H = st.num_kv_heads;
   const int rows = int(seq_ids.size()) * H;
+  std::vector<std::uint8_t> in_batch(static_cast<std::size_t>(st.max_sequences), 0);
   std::vector<row_plan> plans(static_cast<std::size_t>(rows));
   std::vector<int> rank(static_cast<std::size_t>(rows));
   step_status error = step_status::ok;
@@ -172,13 +175,15 @@ step_status append_batch(const cache_state<T>& st, const DevicePolicy& policy,
   for (int i = 0; i < rows; ++i) {
     const float logit = decision_logits ? decision_logits[i] : 0.0f;
     plans[i] = plan_append(st, policy, seq_ids[i / H], i % H, logit, in_prompt);
+    if (i % H == 0 && plans[i].error == step_status::ok && in_batch[seq_ids[i / H]]++ != 0)
+      plans[i].error = step_status::duplicate_sequence;
     if (plans[i].error != step_status::ok && error == step_status::ok) error = plans[i].error;
     rank[i] = pages;
     pages += plans[i].fresh;
   }
   if (error == step_status::ok && pages > *st.free_top) error = step_status::pool_exhausted;
   if (error != step_status::ok) {
-    if (*st.status == 0) *st.status = std::int32_t(error);
+    *st.status = std::int32_t(error);
     return error;
   }
   for (int i = 0; i < rows; ++i) {
@@ -193,10 +198,12 @@ step_status append_batch(const cache_state<T>& st, const DevicePolicy& policy,
   return step_status::ok;
 }
 
-/// After attention: every row of the batch evicts down to the policy's budget.
+/// After attention: every row of the batch evicts down to the policy's budget (skipped while a
+/// failed step's status is set, like every other step).
 template <class T, class DevicePolicy>
 void evict_batch(const cache_state<T>& st, const DevicePolicy& policy,
                  std::span<const std::int32_t> seq_ids) {
+  if (*st.status != 0) return;
   for (const std::int32_t seq : seq_ids)
     for (int h = 0; h < st.num_kv_heads; ++h)
       evict_row_by_score(st, policy, seq * st.num_kv_heads + h);

@@ -94,7 +94,7 @@ struct cache_image {
 
   /// Positions of a row in slot order with every hole as -1, as paged_cache::positions gives.
   [[nodiscard]] std::vector<std::int32_t> positions(int row) const {
-    std::vector<std::int32_t> out(std::size_t(row_length[row]));
+    std::vector<std::int32_t> out(static_cast<std::size_t>(row_length[row]));
     for (int s = 0; s < row_length[row]; ++s) {
       const std::int32_t page =
           page_table[std::size_t(row) * config.max_pages_per_row() + s / config.page_size];

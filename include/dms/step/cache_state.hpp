@@ -21,13 +21,15 @@
 
 DMS_NAMESPACE_BEGIN
 
-/// Why a device step did nothing. The first error sticks in cache_state::status until cleared.
+/// Why a device step did nothing. The first error sticks in cache_state::status, and every later
+/// step is skipped until the host clears it, so one bad step cannot cascade into corruption.
 enum class step_status : std::int32_t {
   ok = 0,
   pool_exhausted = 1,  // the step needed more free pages than the pool had
   row_full = 2,        // a row reached cache_config.max_row_slots
   bad_sequence = 3,    // a sequence id out of range or not active
   bad_victim = 4,      // a policy named a slot that is not live
+  duplicate_sequence = 5,  // a sequence id appears twice in one batch
 };
 
 DMS_HOST_DEVICE constexpr const char* step_status_name(step_status s) {
@@ -37,6 +39,7 @@ DMS_HOST_DEVICE constexpr const char* step_status_name(step_status s) {
     case step_status::row_full: return "row full (cache_config.max_row_slots)";
     case step_status::bad_sequence: return "unknown or inactive sequence id";
     case step_status::bad_victim: return "policy chose a victim slot that is not live";
+    case step_status::duplicate_sequence: return "a sequence id appears twice in one batch";
   }
   return "unknown status";
 }
