@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 
-// Everything host-side: containers, policies and the CPU reference. CUDA lives under dms/cuda/.
+// Everything host-side: containers, policies, the CPU reference and the batched step algorithm
+// (which the CUDA kernels share). CUDA lives under dms/cuda/.
 
 #include "dms/cache_config.hpp"
 #include "dms/cache_view.hpp"
@@ -12,6 +13,7 @@
 #include "dms/paged_cache.hpp"
 #include "dms/policy/dense.hpp"
 #include "dms/policy/dms.hpp"
+#include "dms/policy/device_policy.hpp"
 #include "dms/policy/dms_decision.hpp"
 #include "dms/policy/h2o.hpp"
 #include "dms/policy/policy.hpp"
@@ -23,4 +25,7 @@
 #include "dms/reference/attend.hpp"
 #include "dms/reference/decode.hpp"
 #include "dms/reference/prefill.hpp"
+#include "dms/step/batch_step.hpp"
+#include "dms/step/cache_image.hpp"
+#include "dms/step/cache_state.hpp"
 #include "dms/version.hpp"

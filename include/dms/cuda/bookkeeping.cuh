@@ -204,31 +204,13 @@ __global__ void __launch_bounds__(Threads)
   }
 }
 
-// Frees every page of the given sequences (pushing them on the free stack in the host cache's
-// order), resets their rows and rings, and marks the ids free. Serial: it is rare and tiny.
+// Releases sequences one after another (serial: it is rare and tiny, and the free stack order
+// must match the host cache's).
 template <class T>
 __global__ void release_sequences_kernel(cache_state<T> st, const std::int32_t* seq_ids,
                                          int count) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  for (int b = 0; b < count; ++b) {
-    const int seq = seq_ids[b];
-    if (seq < 0 || seq >= st.max_sequences) continue;
-    for (int h = 0; h < st.num_kv_heads; ++h) {
-      const int row = seq * st.num_kv_heads + h;
-      const int pages = (st.row_length[row] + st.page_size - 1) / st.page_size;
-      for (int p = 0; p < pages; ++p) {
-        st.free_pages[(*st.free_top)++] = st.page_entry(row, p);
-        st.page_entry(row, p) = -1;
-      }
-      st.row_length[row] = st.live[row] = st.seen[row] = st.peak[row] = 0;
-      st.hole_head[row] = -1;
-      for (int j = 0; j < st.ring_length; ++j) {
-        if (st.ring_slot) st.ring_slot[std::int64_t{row} * st.ring_length + j] = -1;
-        if (st.ring_flag) st.ring_flag[std::int64_t{row} * st.ring_length + j] = 0;
-      }
-    }
-    st.active[seq] = 0;
-  }
+  for (int b = 0; b < count; ++b) step::release_sequence(st, seq_ids[b]);
 }
 
 }  // namespace detail

@@ -155,6 +155,30 @@ DMS_HOST_DEVICE void evict_row_by_score(const cache_state<T>& st, const DevicePo
   }
 }
 
+/// Frees every page of a sequence (pushed on the free stack in logical order per row, as the
+/// host cache releases them), resets its rows and ring, and marks the id free. Out-of-range ids
+/// are ignored.
+template <class T>
+DMS_HOST_DEVICE void release_sequence(const cache_state<T>& st, int seq) {
+  if (seq < 0 || seq >= st.max_sequences) return;
+  for (int h = 0; h < st.num_kv_heads; ++h) {
+    const int row = seq * st.num_kv_heads + h;
+    const int pages = (st.row_length[row] + st.page_size - 1) / st.page_size;
+    for (int p = 0; p < pages; ++p) {
+      st.free_pages[(*st.free_top)++] = st.page_entry(row, p);
+      st.page_entry(row, p) = -1;
+    }
+    st.row_length[row] = st.live[row] = st.seen[row] = st.peak[row] = 0;
+    st.hole_head[row] = -1;
+    const std::int64_t ring = std::int64_t{row} * st.ring_length;
+    for (int j = 0; j < st.ring_length; ++j) {
+      if (st.ring_slot) st.ring_slot[ring + j] = -1;
+      if (st.ring_flag) st.ring_flag[ring + j] = 0;
+    }
+  }
+  st.active[seq] = 0;
+}
+
 // ---- serial drivers: the same algorithm, one row at a time --------------------------------
 
 /// Appends one token to every row of every sequence in seq_ids. Returns ok, or the first error
