@@ -63,18 +63,21 @@ void decode_attention(paged_cache<T, P>& cache, int seq, std::span<const float> 
         if (row.position(s) >= 0) slots.push_back(s);
     }
     const int n = int(slots.size());
-    kbuf.resize(std::size_t(n) * d);
+    // Pad the transposed keys' stride: a power-of-two stride maps every channel's row to the
+    // same cache sets (measured: 2.5x slower dense decode at 1K slots).
+    const int ldk = n + 16;
+    kbuf.resize(std::size_t(ldk) * d);
     vbuf.resize(std::size_t(n) * d);
     for (int j = 0; j < n; ++j) {
       const T* ks = view.key(r, slots[j]);
       const T* vs = view.value(r, slots[j]);
       for (int c = 0; c < d; ++c) {
-        kbuf[std::size_t(c) * n + j] = to_float(ks[c]);  // transposed, see attend_group
+        kbuf[std::size_t(c) * ldk + j] = to_float(ks[c]);  // transposed, see attend_group
         vbuf[std::size_t(j) * d + c] = to_float(vs[c]);
       }
     }
     probs.resize(std::size_t(G) * n);
-    attend_group(qg, G, d, kbuf.data(), n, vbuf.data(), n, nullptr, scale,
+    attend_group(qg, G, d, kbuf.data(), ldk, vbuf.data(), n, nullptr, scale,
                  out.data() + std::size_t(h) * G * d, lse.data(), probs.data());
     cache.record_reads(n);
     if (!extras.lse.empty())
