@@ -73,9 +73,8 @@ void check_equivalence(const dms::cache_config& cfg, P policy, int steps, unsign
                   std::span<const float>(v).subspan(at, std::size_t(H) * d),
                   std::span<const float>(logits).subspan(std::size_t(b) * H, std::size_t(H)));
     }
-    REQUIRE(dms::step::append_batch(img.state(), dp, std::span<const std::int32_t>(batch),
-                                    k.data(), v.data(), logits.data(),
-                                    false) == dms::step_status::ok);
+    REQUIRE(dms::step::append_batch(img.state(), dp, std::span<const std::int32_t>(batch), k.data(),
+                                    v.data(), logits.data(), false) == dms::step_status::ok);
     REQUIRE(dms_test::first_difference(host.to_image(), img) == "");
 
     // Attention folds scores on the host; the image takes them over (its pages are the same).
@@ -124,8 +123,8 @@ TEST_CASE("batched step == paged_cache: TOVA and H2O evict the same slots", "[st
 TEST_CASE("batched step == paged_cache: StreamingLLM, Quest, SnapKV", "[step]") {
   check_equivalence<dms::half>(config(2, 2, 8, 4, 256),
                                dms::streaming_llm_policy(dms::streaming_params{2, 5}), 50, 5);
-  check_equivalence<float>(config(2, 2, 8, 4, 256),
-                           dms::quest_policy(dms::quest_params{8, 2, 2}), 40, 6);
+  check_equivalence<float>(config(2, 2, 8, 4, 256), dms::quest_policy(dms::quest_params{8, 2, 2}),
+                           40, 6);
   check_equivalence<float>(config(1, 2, 8, 4, 128), dms::snapkv_policy{}, 30, 7);
 }
 

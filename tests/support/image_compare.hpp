@@ -75,8 +75,8 @@ std::string first_difference(const dms::cache_image<T>& a, const dms::cache_imag
         }
     }
     for (int s = 0; s < len; ++s) {
-      const auto at = std::size_t(a.page_table[r * ppr + s / c.page_size]) * c.page_size +
-                      s % c.page_size;
+      const auto at =
+          std::size_t(a.page_table[r * ppr + s / c.page_size]) * c.page_size + s % c.page_size;
       if (a.position[at] != b.position[at]) {
         why << "row " << r << " slot " << s << ": position " << a.position[at] << " vs "
             << b.position[at];

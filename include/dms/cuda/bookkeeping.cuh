@@ -11,7 +11,8 @@
 // (call once with d_temp == nullptr to get temp_bytes, then again with that much device memory).
 
 #if !defined(__CUDACC__)
-#error "dms/cuda/bookkeeping.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
+#error \
+    "dms/cuda/bookkeeping.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
 #endif
 
 #include <cuda_runtime_api.h>
@@ -39,7 +40,9 @@ struct bookkeeping_tuning {
 
 namespace detail {
 
-inline std::size_t align_up(std::size_t n) { return (n + 255) / 256 * 256; }
+inline std::size_t align_up(std::size_t n) {
+  return (n + 255) / 256 * 256;
+}
 
 // Temporary storage of append: per batch row, its plan, its rank among the rows that open a
 // page, and where its token went; per sequence id, a use count (duplicate detection); one flag
@@ -53,8 +56,8 @@ struct append_temp {
 
   static std::size_t bytes(int rows, int max_sequences) {
     return align_up(sizeof(step::row_plan) * rows) + align_up(sizeof(std::int32_t) * rows) +
-           align_up(sizeof(step::row_slot) * rows) + align_up(sizeof(std::int32_t) * max_sequences) +
-           align_up(sizeof(std::int32_t));
+           align_up(sizeof(step::row_slot) * rows) +
+           align_up(sizeof(std::int32_t) * max_sequences) + align_up(sizeof(std::int32_t));
   }
   static append_temp carve(void* d_temp, int rows, int max_sequences) {
     auto* p = static_cast<unsigned char*>(d_temp);
@@ -77,9 +80,9 @@ struct append_temp {
 // few dozen instructions, so even a batch of thousands of rows takes microseconds.
 template <int Threads, class T, class DevicePolicy>
 __global__ void __launch_bounds__(Threads)
-    append_plan_commit_kernel(cache_state<T> st, DevicePolicy policy,
-                              const std::int32_t* seq_ids, int batch,
-                              const float* decision_logits, bool in_prompt, append_temp tmp) {
+    append_plan_commit_kernel(cache_state<T> st, DevicePolicy policy, const std::int32_t* seq_ids,
+                              int batch, const float* decision_logits, bool in_prompt,
+                              append_temp tmp) {
   using block_scan = cub::BlockScan<int, Threads>;
   __shared__ typename block_scan::TempStorage scan_storage;
   __shared__ int first_error_row;
@@ -180,8 +183,8 @@ __global__ void __launch_bounds__(Threads)
   __shared__ typename block_reduce::TempStorage storage;
   __shared__ int done;
   if (*st.status != 0) return;
-  const int row = seq_ids[blockIdx.x / st.num_kv_heads] * st.num_kv_heads +
-                  int(blockIdx.x) % st.num_kv_heads;
+  const int row =
+      seq_ids[blockIdx.x / st.num_kv_heads] * st.num_kv_heads + int(blockIdx.x) % st.num_kv_heads;
   const std::int32_t limit = policy.protected_from(st.seen[row]);
   for (;;) {
     __syncthreads();  // the previous round's push_hole is visible; storage is free
@@ -222,10 +225,9 @@ __global__ void release_sequences_kernel(cache_state<T> st, const std::int32_t* 
 /// d_temp == nullptr: only sets temp_bytes.
 template <class T, class DevicePolicy, class In>
 [[nodiscard]] cudaError_t append(void* d_temp, std::size_t& temp_bytes, const cache_state<T>& st,
-                                 const DevicePolicy& policy, const std::int32_t* seq_ids,
-                                 int batch, const In* k, const In* v,
-                                 const float* decision_logits, bool in_prompt,
-                                 cudaStream_t stream = nullptr) {
+                                 const DevicePolicy& policy, const std::int32_t* seq_ids, int batch,
+                                 const In* k, const In* v, const float* decision_logits,
+                                 bool in_prompt, cudaStream_t stream = nullptr) {
   const int rows = batch * st.num_kv_heads;
   const std::size_t need = detail::append_temp::bytes(rows, st.max_sequences);
   if (d_temp == nullptr) {
@@ -237,8 +239,8 @@ template <class T, class DevicePolicy, class In>
   const auto tmp = detail::append_temp::carve(d_temp, rows, st.max_sequences);
   constexpr int plan = bookkeeping_tuning::plan_threads;
   constexpr int write = bookkeeping_tuning::write_threads;
-  detail::append_plan_commit_kernel<plan><<<1, plan, 0, stream>>>(st, policy, seq_ids, batch,
-                                                                  decision_logits, in_prompt, tmp);
+  detail::append_plan_commit_kernel<plan>
+      <<<1, plan, 0, stream>>>(st, policy, seq_ids, batch, decision_logits, in_prompt, tmp);
   DMS_CUDA_TRY(cudaGetLastError());
   detail::append_write_kernel<write><<<rows, write, 0, stream>>>(st, seq_ids, k, v, tmp);
   return cudaGetLastError();

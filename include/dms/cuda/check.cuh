@@ -19,15 +19,16 @@ namespace cuda {
 /// Throws dms::error("dms: <what> failed: <CUDA error name>: <description>") unless ok.
 inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
-    ::dms::detail::fail(what, " failed: ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
+    ::dms::detail::fail(what, " failed: ", cudaGetErrorName(status), ": ",
+                        cudaGetErrorString(status));
 }
 
 }  // namespace cuda
 DMS_NAMESPACE_END
 
 /// Propagates a non-success cudaError_t to the caller (for functions that return one).
-#define DMS_CUDA_TRY(expr)                            \
-  do {                                                \
-    const cudaError_t dms_cuda_try_status_ = (expr);  \
+#define DMS_CUDA_TRY(expr)                                                \
+  do {                                                                    \
+    const cudaError_t dms_cuda_try_status_ = (expr);                      \
     if (dms_cuda_try_status_ != cudaSuccess) return dms_cuda_try_status_; \
   } while (0)

@@ -5,7 +5,8 @@
 // memory), with stream-ordered copies to and from host vectors. Throws dms::error on failure.
 
 #if !defined(__CUDACC__)
-#error "dms/cuda/device_buffer.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
+#error \
+    "dms/cuda/device_buffer.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
 #endif
 
 #include <cuda_runtime_api.h>
@@ -50,8 +51,8 @@ class device_buffer {
   /// when the copy is enqueued, and pageable memory makes it synchronous in practice.
   void upload(const std::vector<T>& h, cudaStream_t stream) {
     if (h.size() != size_)
-      ::dms::detail::fail("device_buffer::upload: host vector has ", h.size(), " elements; expected ",
-                   size_);
+      ::dms::detail::fail("device_buffer::upload: host vector has ", h.size(),
+                          " elements; expected ", size_);
     if (size_ > 0)
       check(cudaMemcpyAsync(data_, h.data(), size_ * sizeof(T), cudaMemcpyHostToDevice, stream),
             "cudaMemcpyAsync (host to device)");

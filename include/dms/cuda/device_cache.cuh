@@ -8,7 +8,8 @@
 // needs no device round trip; everything else the kernels do stays on the device.
 
 #if !defined(__CUDACC__)
-#error "dms/cuda/device_cache.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
+#error \
+    "dms/cuda/device_cache.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
 #endif
 
 #include <cuda_runtime_api.h>
@@ -63,19 +64,33 @@ class device_cache {
 
   /// Everything the bookkeeping kernels touch; the read-only view attention takes.
   [[nodiscard]] cache_state<T> state() const {
-    return {k_.data(),          v_.data(),         position_.data(),
+    return {k_.data(),
+            v_.data(),
+            position_.data(),
             score_.empty() ? nullptr : score_.data(),
             page_min_.empty() ? nullptr : page_min_.data(),
             page_max_.empty() ? nullptr : page_max_.data(),
-            page_table_.data(), row_length_.data(), live_.data(),
-            seen_.data(),       peak_.data(),      hole_head_.data(),
-            free_pages_.data(), free_top_.data(),
+            page_table_.data(),
+            row_length_.data(),
+            live_.data(),
+            seen_.data(),
+            peak_.data(),
+            hole_head_.data(),
+            free_pages_.data(),
+            free_top_.data(),
             ring_slot_.empty() ? nullptr : ring_slot_.data(),
             ring_flag_.empty() ? nullptr : ring_flag_.data(),
-            active_.data(),     status_.data(),    cfg_.num_kv_heads,
-            cfg_.group_size,    cfg_.head_dim,     cfg_.page_size,
-            cfg_.max_pages,     cfg_.max_pages_per_row(), cfg_.max_sequences,
-            cfg_.max_row_slots, ring_length_};
+            active_.data(),
+            status_.data(),
+            cfg_.num_kv_heads,
+            cfg_.group_size,
+            cfg_.head_dim,
+            cfg_.page_size,
+            cfg_.max_pages,
+            cfg_.max_pages_per_row(),
+            cfg_.max_sequences,
+            cfg_.max_row_slots,
+            ring_length_};
   }
   [[nodiscard]] cache_view<T> view() const { return state().view(); }
 
@@ -87,7 +102,7 @@ class device_cache {
     while (seq < cfg_.max_sequences && active_host_[seq]) ++seq;
     if (seq == cfg_.max_sequences)
       ::dms::detail::fail("cannot add a sequence: all ", cfg_.max_sequences,
-                   " sequence slots (cache_config.max_sequences) are in use");
+                          " sequence slots (cache_config.max_sequences) are in use");
     check(cudaMemsetAsync(active_.data() + seq, 1, 1, stream), "cudaMemsetAsync (add_sequence)");
     active_host_[seq] = true;
     return seq;
@@ -96,8 +111,9 @@ class device_cache {
   /// Frees the sequence's pages on the device; its id may be handed out again.
   void remove_sequence(int seq, cudaStream_t stream = nullptr) {
     if (!contains(seq))
-      ::dms::detail::fail("unknown sequence id ", seq, " (valid: ids returned by add_sequence, in [0, ",
-                   cfg_.max_sequences - 1, "])");
+      ::dms::detail::fail("unknown sequence id ", seq,
+                          " (valid: ids returned by add_sequence, in [0, ", cfg_.max_sequences - 1,
+                          "])");
     check(cudaMemcpyAsync(scratch_seq_.data(), &seq_staging_[seq], sizeof(std::int32_t),
                           cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync (remove_sequence)");
@@ -124,7 +140,7 @@ class device_cache {
     const step_status s = status(stream);
     if (s != step_status::ok)
       ::dms::detail::fail("device cache step failed: ", step_status_name(s),
-                   " (later steps were skipped; clear_status() to resume)");
+                          " (later steps were skipped; clear_status() to resume)");
   }
   void clear_status(cudaStream_t stream = nullptr) {
     check(cudaMemsetAsync(status_.data(), 0, sizeof(std::int32_t), stream), "cudaMemsetAsync");
@@ -135,10 +151,11 @@ class device_cache {
   /// Replaces the device contents by an image of the same configuration.
   void upload(const cache_image<T>& img, cudaStream_t stream = nullptr) {
     if (!(img.config == cfg_))
-      ::dms::detail::fail("device_cache::upload: the image's cache_config differs from this cache's");
+      ::dms::detail::fail(
+          "device_cache::upload: the image's cache_config differs from this cache's");
     if (img.ring_length != ring_length_)
       ::dms::detail::fail("device_cache::upload: image ring_length = ", img.ring_length,
-                   ", the policy needs ", ring_length_);
+                          ", the policy needs ", ring_length_);
     k_.upload(img.k, stream);
     v_.upload(img.v, stream);
     position_.upload(img.position, stream);

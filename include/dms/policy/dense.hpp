@@ -5,8 +5,8 @@
 // complete example of the policy interface.
 
 #include "dms/config.hpp"
-#include "dms/policy/policy.hpp"
 #include "dms/policy/device_policy.hpp"
+#include "dms/policy/policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 

@@ -62,7 +62,7 @@ struct device_policy_base {
 /// A host policy that has a device form.
 template <class P>
 concept has_device_form = requires(const P& p) {
-  { p.device_form() };
+  {p.device_form()};
   requires std::is_trivially_copyable_v<decltype(p.device_form())>;
 };
 

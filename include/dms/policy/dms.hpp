@@ -19,8 +19,8 @@
 
 #include "dms/config.hpp"
 #include "dms/error.hpp"
-#include "dms/policy/policy.hpp"
 #include "dms/policy/device_policy.hpp"
+#include "dms/policy/policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -73,8 +73,7 @@ struct dms_device_policy : device_policy_base {
   static constexpr bool ring_flags = true;
   DMS_HOST_DEVICE int ring_length() const { return window + 1; }
   DMS_HOST_DEVICE int choose_victim(const row_context& row, const token_info& tok) const {
-    return dms_rule::victim(row.ring_slot, row.ring_flag, tok.position, window,
-                            tok.decision_logit);
+    return dms_rule::victim(row.ring_slot, row.ring_flag, tok.position, window, tok.decision_logit);
   }
   DMS_HOST_DEVICE void on_append(const row_context& row, const token_info& tok, int slot) const {
     dms_rule::record(row.ring_slot, row.ring_flag, tok.position, window, tok.decision_logit, slot);

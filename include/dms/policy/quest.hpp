@@ -18,8 +18,8 @@
 #include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
-#include "dms/policy/policy.hpp"
 #include "dms/policy/device_policy.hpp"
+#include "dms/policy/policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 

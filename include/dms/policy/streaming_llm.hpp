@@ -14,8 +14,8 @@
 
 #include "dms/config.hpp"
 #include "dms/error.hpp"
-#include "dms/policy/policy.hpp"
 #include "dms/policy/device_policy.hpp"
+#include "dms/policy/policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -46,7 +46,8 @@ struct streaming_device_policy : device_policy_base {
     return streaming_rule::victim(row.ring_slot, row.live, tok.position, sinks, recent);
   }
   DMS_HOST_DEVICE void on_append(const row_context& row, const token_info& tok, int slot) const {
-    if (tok.position >= sinks) row.ring_slot[streaming_rule::ring_index(tok.position, sinks, recent)] = slot;
+    if (tok.position >= sinks)
+      row.ring_slot[streaming_rule::ring_index(tok.position, sinks, recent)] = slot;
   }
 };
 

@@ -17,9 +17,9 @@
 
 #include "dms/config.hpp"
 #include "dms/error.hpp"
+#include "dms/policy/device_policy.hpp"
 #include "dms/policy/policy.hpp"
 #include "dms/policy/ranking.hpp"
-#include "dms/policy/device_policy.hpp"
 
 DMS_NAMESPACE_BEGIN
 

@@ -32,9 +32,9 @@ namespace step {
 
 /// Phase 1's verdict for one row.
 struct row_plan {
-  std::int32_t victim;   // slot the policy overwrites, or -1
-  std::int32_t fresh;    // 1 if the row needs a new page
-  step_status error;     // ok, or why the step cannot run
+  std::int32_t victim;  // slot the policy overwrites, or -1
+  std::int32_t fresh;   // 1 if the row needs a new page
+  step_status error;    // ok, or why the step cannot run
 };
 
 /// Where phase 3 put the new token of a row.
@@ -80,7 +80,8 @@ DMS_HOST_DEVICE row_slot commit_append(const cache_state<T>& st, const DevicePol
     slot = st.pop_hole(row);
   } else {
     slot = st.row_length[row];
-    if (plan.fresh) st.page_entry(row, slot / st.page_size) = st.free_pages[*st.free_top - 1 - page_rank];
+    if (plan.fresh)
+      st.page_entry(row, slot / st.page_size) = st.free_pages[*st.free_top - 1 - page_rank];
     st.row_length[row] = slot + 1;
   }
   const std::int32_t position = st.seen[row];

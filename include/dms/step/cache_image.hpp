@@ -34,7 +34,8 @@ struct cache_image {
   cache_image() = default;
   /// An empty cache: every page free (page max_pages-1 on the bottom, page 0 on top), no
   /// sequences. ring_flags says whether the ring keeps a flag per entry.
-  cache_image(const cache_config& cfg, bool with_scores, bool with_bounds, int ring, bool ring_flags)
+  cache_image(const cache_config& cfg, bool with_scores, bool with_bounds, int ring,
+              bool ring_flags)
       : config(cfg), ring_length(ring) {
     cfg.validate();
     const auto slots = std::size_t(cfg.max_pages) * cfg.page_size;

@@ -25,45 +25,51 @@ DMS_NAMESPACE_BEGIN
 /// step is skipped until the host clears it, so one bad step cannot cascade into corruption.
 enum class step_status : std::int32_t {
   ok = 0,
-  pool_exhausted = 1,  // the step needed more free pages than the pool had
-  row_full = 2,        // a row reached cache_config.max_row_slots
-  bad_sequence = 3,    // a sequence id out of range or not active
-  bad_victim = 4,      // a policy named a slot that is not live
+  pool_exhausted = 1,      // the step needed more free pages than the pool had
+  row_full = 2,            // a row reached cache_config.max_row_slots
+  bad_sequence = 3,        // a sequence id out of range or not active
+  bad_victim = 4,          // a policy named a slot that is not live
   duplicate_sequence = 5,  // a sequence id appears twice in one batch
 };
 
 DMS_HOST_DEVICE constexpr const char* step_status_name(step_status s) {
   switch (s) {
-    case step_status::ok: return "ok";
-    case step_status::pool_exhausted: return "page pool exhausted (cache_config.max_pages)";
-    case step_status::row_full: return "row full (cache_config.max_row_slots)";
-    case step_status::bad_sequence: return "unknown or inactive sequence id";
-    case step_status::bad_victim: return "policy chose a victim slot that is not live";
-    case step_status::duplicate_sequence: return "a sequence id appears twice in one batch";
+    case step_status::ok:
+      return "ok";
+    case step_status::pool_exhausted:
+      return "page pool exhausted (cache_config.max_pages)";
+    case step_status::row_full:
+      return "row full (cache_config.max_row_slots)";
+    case step_status::bad_sequence:
+      return "unknown or inactive sequence id";
+    case step_status::bad_victim:
+      return "policy chose a victim slot that is not live";
+    case step_status::duplicate_sequence:
+      return "a sequence id appears twice in one batch";
   }
   return "unknown status";
 }
 
 template <class T>
 struct cache_state {
-  T* k;                       // [max_pages][page_size][head_dim]
-  T* v;                       // [max_pages][page_size][head_dim]
-  std::int32_t* position;     // [max_pages][page_size] token index; < 0 = hole (see above)
-  float* score;               // [max_pages][page_size] or null (policy keeps no scores)
-  float* page_min;            // [max_pages][head_dim] or null (policy needs no bounds)
-  float* page_max;            // [max_pages][head_dim] or null
-  std::int32_t* page_table;   // [max_rows][max_pages_per_row], -1 = none
-  std::int32_t* row_length;   // [max_rows] slots spanned
-  std::int32_t* live;         // [max_rows] slots holding a token
-  std::int32_t* seen;         // [max_rows] tokens appended
-  std::int32_t* peak;         // [max_rows] maximum of live
-  std::int32_t* hole_head;    // [max_rows] most recent hole, -1 = none
-  std::int32_t* free_pages;   // [max_pages] stack of free page ids
-  std::int32_t* free_top;     // [1] entries in free_pages
-  std::int32_t* ring_slot;    // [max_rows][ring_length] or null (policy keeps no ring)
-  std::uint8_t* ring_flag;    // [max_rows][ring_length] or null
-  std::uint8_t* active;       // [max_sequences] 1 = sequence id in use
-  std::int32_t* status;       // [1] step_status of the first failed step, 0 = ok
+  T* k;                      // [max_pages][page_size][head_dim]
+  T* v;                      // [max_pages][page_size][head_dim]
+  std::int32_t* position;    // [max_pages][page_size] token index; < 0 = hole (see above)
+  float* score;              // [max_pages][page_size] or null (policy keeps no scores)
+  float* page_min;           // [max_pages][head_dim] or null (policy needs no bounds)
+  float* page_max;           // [max_pages][head_dim] or null
+  std::int32_t* page_table;  // [max_rows][max_pages_per_row], -1 = none
+  std::int32_t* row_length;  // [max_rows] slots spanned
+  std::int32_t* live;        // [max_rows] slots holding a token
+  std::int32_t* seen;        // [max_rows] tokens appended
+  std::int32_t* peak;        // [max_rows] maximum of live
+  std::int32_t* hole_head;   // [max_rows] most recent hole, -1 = none
+  std::int32_t* free_pages;  // [max_pages] stack of free page ids
+  std::int32_t* free_top;    // [1] entries in free_pages
+  std::int32_t* ring_slot;   // [max_rows][ring_length] or null (policy keeps no ring)
+  std::uint8_t* ring_flag;   // [max_rows][ring_length] or null
+  std::uint8_t* active;      // [max_sequences] 1 = sequence id in use
+  std::int32_t* status;      // [1] step_status of the first failed step, 0 = ok
   int num_kv_heads;
   int group_size;
   int head_dim;
@@ -108,9 +114,9 @@ struct cache_state {
 
   /// The read-only view decode attention takes.
   [[nodiscard]] DMS_HOST_DEVICE cache_view<T> view() const {
-    return {k,          v,         position,          score,         page_min,
-            page_max,   page_table, row_length,       num_kv_heads,  group_size,
-            head_dim,   page_size, max_pages_per_row, max_rows()};
+    return {k,        v,          position,          score,        page_min,
+            page_max, page_table, row_length,        num_kv_heads, group_size,
+            head_dim, page_size,  max_pages_per_row, max_rows()};
   }
 };
 
