@@ -6,6 +6,12 @@
 //
 //   dms_demo [--ratio N] [--steps N] [--seed N]
 //
+// Built with CUDA (nvcc compiles this file; see examples/CMakeLists.txt) and run on a machine
+// with a GPU, it then runs every policy's decode steps again on the device with
+// dms::cuda::decode_step (prefill stays on the CPU reference) and prints a second table that
+// checks them against the CPU run: the same compression and KV reads (so the same evictions and
+// page selections) and the largest output difference.
+//
 // The workload. Every number comes from one std::mt19937 seed and is generated once, so every
 // policy sees exactly the same queries, keys, values and decision logits.
 //  * One attention layer: 4 KV heads, G = 4 query heads per KV head (16 query heads), head_dim 64,
@@ -53,10 +59,19 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "dms/dms.hpp"
+
+#if defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+
+#include "dms/cuda/decode_step.cuh"
+#include "dms/cuda/device_buffer.cuh"
+#include "dms/cuda/device_cache.cuh"
+#endif
 
 namespace {
 
@@ -318,23 +333,147 @@ double relative_error(const std::vector<float>& out, const std::vector<float>& d
   return n ? sum / double(n) : 0.0;
 }
 
-std::vector<result> run_all_cpu(const workload& w) {
+// ---- the GPU backend (compiled when the demo is built by nvcc) ----------------------------
+
+/// What the GPU run of a policy shows: the same decode steps on dms::cuda, checked against the
+/// CPU run of the same policy.
+struct gpu_result {
+  std::string name;
+  double compression_ratio = 1.0;
+  std::int64_t kv_reads = 0;
+  double max_error = 0.0;  // max over outputs of |gpu - cpu| / max |cpu|
+  double decode_ms = 0.0;  // all decode steps, CUDA events
+};
+
+#if defined(__CUDACC__)
+bool cuda_device_present() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+/// Prefills on the CPU reference path (the GPU prefill is issue 4's), uploads the cache, then runs
+/// every decode step of the batch as one dms::cuda::decode_step: inputs uploaded once, outputs
+/// downloaded once, no host synchronization in between.
+template <class Policy>
+gpu_result run_gpu(const workload& w, Policy policy, const std::vector<float>& cpu_outputs) {
+  const dms::cache_config& cfg = w.cfg;
+  const int S = int(w.seqs.size());
+  const std::size_t qn = std::size_t(cfg.num_query_heads()) * cfg.head_dim;
+  const std::size_t kn = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t ln = std::size_t(cfg.num_kv_heads);
+
+  dms::paged_cache<dms::bfloat16, Policy> host(cfg, policy);
+  std::vector<std::int32_t> ids;
+  std::vector<float> prompt_out;
+  for (const sequence_data& sd : w.seqs) {
+    const auto P = std::size_t(sd.prompt);
+    prompt_out.assign(P * qn, 0.0f);
+    ids.push_back(host.add_sequence());
+    const dms::reference::prefill_chunk_inputs in{
+        .q = std::span<const float>(sd.q).first(P * qn),
+        .k = std::span<const float>(sd.k).first(P * kn),
+        .v = std::span<const float>(sd.v).first(P * kn),
+        .decision_logits = Policy::uses_decision_logits
+                               ? std::span<const float>(sd.logits).first(P * ln)
+                               : std::span<const float>{},
+        .padding = 0};
+    dms::reference::prefill(host, ids.back(), in, prefill_chunk, {.out = prompt_out});
+  }
+  dms::cuda::device_cache<dms::bfloat16, Policy> dev(host);
+  dms::cuda::decoder<dms::bfloat16, Policy> decoder(dev);
+
+  // Step-major inputs: [step][sequence][...], uploaded once.
+  std::vector<float> q, k, v, logits;
+  for (int step = 0; step < w.steps; ++step)
+    for (const sequence_data& sd : w.seqs) {
+      const auto t = std::size_t(sd.prompt + step);
+      q.insert(q.end(), sd.q.begin() + t * qn, sd.q.begin() + (t + 1) * qn);
+      k.insert(k.end(), sd.k.begin() + t * kn, sd.k.begin() + (t + 1) * kn);
+      v.insert(v.end(), sd.v.begin() + t * kn, sd.v.begin() + (t + 1) * kn);
+      logits.insert(logits.end(), sd.logits.begin() + t * ln, sd.logits.begin() + (t + 1) * ln);
+    }
+  const auto upload = [](const auto& h) {
+    dms::cuda::device_buffer<std::decay_t<decltype(h[0])>> d(h.size());
+    d.upload(h, nullptr);
+    return d;
+  };
+  auto d_ids = upload(ids);
+  auto d_q = upload(q), d_k = upload(k), d_v = upload(v);
+  auto d_logits = upload(logits);
+  dms::cuda::device_buffer<float> d_out(q.size());
+  dms::cuda::device_buffer<std::int64_t> d_reads(1);
+  dms::cuda::check(cudaMemset(d_reads.data(), 0, sizeof(std::int64_t)), "cudaMemset");
+
+  cudaEvent_t start, stop;
+  dms::cuda::check(cudaEventCreate(&start), "cudaEventCreate");
+  dms::cuda::check(cudaEventCreate(&stop), "cudaEventCreate");
+  dms::cuda::check(cudaEventRecord(start), "cudaEventRecord");
+  for (int step = 0; step < w.steps; ++step) {
+    const auto at = std::size_t(step) * S;
+    dms::cuda::decode_step_inputs<float, float> in;
+    in.seq_ids = d_ids.data();
+    in.batch = S;
+    in.k = d_k.data() + at * kn;
+    in.v = d_v.data() + at * kn;
+    in.decision_logits = Policy::uses_decision_logits ? d_logits.data() + at * ln : nullptr;
+    in.q = d_q.data() + at * qn;
+    dms::cuda::decode_step_outputs<float> out;
+    out.out = d_out.data() + at * qn;
+    out.kv_reads = d_reads.data();
+    decoder.step(in, out);
+  }
+  dms::cuda::check(cudaEventRecord(stop), "cudaEventRecord");
+  dms::cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+  dev.check_status();
+
+  gpu_result r;
+  r.name = host.policy().name();
+  float ms = 0.0f;
+  dms::cuda::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+  r.decode_ms = ms;
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::vector<float> got;
+  d_out.download(got, nullptr);
+  std::vector<std::int64_t> reads;
+  d_reads.download(reads, nullptr);
+  r.kv_reads = reads[0];
+  float scale = 0.0f, err = 0.0f;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    scale = std::max(scale, std::fabs(cpu_outputs[i]));
+    err = std::max(err, std::fabs(got[i] - cpu_outputs[i]));
+  }
+  r.max_error = scale > 0.0f ? double(err / scale) : double(err);
+  dev.download_to(host);
+  r.compression_ratio = host.stats().compression_ratio;
+  return r;
+}
+#endif
+
+/// Runs every policy on the CPU reference path and, with `gpu` (CUDA builds on a machine with a
+/// GPU), again on the device, checked against the CPU outputs of the same policy.
+std::vector<result> run_all(const workload& w, std::vector<gpu_result>* gpu) {
   const std::size_t qn = std::size_t(w.cfg.num_query_heads()) * w.cfg.head_dim;
   const int B = w.budget;
   std::vector<result> results;
   std::vector<float> dense_out, out;
-
-  results.push_back(run_cpu(w, dms::dense_policy{}, dense_out));
-  const auto add = [&](result r) {
-    r.error = relative_error(out, dense_out, qn);
+  const auto run = [&](auto policy, bool is_dense) {
+    result r = run_cpu(w, policy, is_dense ? dense_out : out);
+    if (!is_dense) r.error = relative_error(out, dense_out, qn);
     results.push_back(r);
+#if defined(__CUDACC__)
+    if (gpu) gpu->push_back(run_gpu(w, policy, is_dense ? dense_out : out));
+#else
+    (void)gpu;
+#endif
   };
-  add(run_cpu(w, dms::dms_policy{{.window = dms_window}}, out));
-  add(run_cpu(w, dms::tova_policy{{.budget = B}}, out));
-  add(run_cpu(w, dms::h2o_policy{{.budget = B, .recent = B / 2}}, out));
-  add(run_cpu(w, dms::quest_policy{{.token_budget = B, .layer = 2}}, out));
-  add(run_cpu(w, dms::streaming_llm_policy{{.sinks = num_sinks, .recent = B - num_sinks}}, out));
-  add(run_cpu(w, dms::snapkv_policy{{.capacity = B, .window = std::min(32, B)}}, out));
+  run(dms::dense_policy{}, true);
+  run(dms::dms_policy{{.window = dms_window}}, false);
+  run(dms::tova_policy{{.budget = B}}, false);
+  run(dms::h2o_policy{{.budget = B, .recent = B / 2}}, false);
+  run(dms::quest_policy{{.token_budget = B, .layer = 2}}, false);
+  run(dms::streaming_llm_policy{{.sinks = num_sinks, .recent = B - num_sinks}}, false);
+  run(dms::snapkv_policy{{.capacity = B, .window = std::min(32, B)}}, false);
   return results;
 }
 
@@ -377,6 +516,25 @@ void print_table(const workload& w, const options& opt, const std::vector<result
       "the prompt; peak slots include prompts held whole in prefill. DMS decisions are synthetic,\n"
       "not a trained model's; errors depend on the synthetic attention: mechanics, not accuracy.\n",
       S * w.cfg.num_kv_heads, S, w.cfg.num_kv_heads);
+}
+
+void print_gpu_table(const std::vector<result>& cpu, const std::vector<gpu_result>& gpu) {
+  std::printf(
+      "\nThe same decode steps on the GPU (dms::cuda::decode_step; prefill on the CPU):\n\n");
+  std::printf("%-13s %9s %11s %12s %13s %9s\n", "policy", "memory CR", "KV reads", "same as CPU",
+              "max rel diff", "decode ms");
+  std::printf("%-13s %9s %11s %12s %13s %9s\n", "-------------", "---------", "-----------",
+              "------------", "-------------", "---------");
+  for (std::size_t i = 0; i < gpu.size(); ++i) {
+    const bool same = gpu[i].kv_reads == cpu[i].kv_reads &&
+                      std::fabs(gpu[i].compression_ratio - cpu[i].compression_ratio) < 1e-9;
+    std::printf("%-13s %8.2fx %11lld %12s %13.2e %9.2f\n", gpu[i].name.c_str(),
+                gpu[i].compression_ratio, static_cast<long long>(gpu[i].kv_reads),
+                same ? "yes" : "NO", gpu[i].max_error, gpu[i].decode_ms);
+  }
+  std::printf(
+      "\nsame as CPU: identical compression ratio and KV reads (the same evictions and page\n"
+      "selections). max rel diff: max |gpu - cpu| / max |cpu| over every decode output.\n");
 }
 
 // ---- command line --------------------------------------------------------------------------
@@ -431,18 +589,6 @@ parsed parse(int argc, char** argv, options& opt) {
   return parsed::run;
 }
 
-/// Where the attention runs. Only the CPU reference exists; the CUDA kernels (dms/cuda/) will add
-/// a backend here that runs the same workload, so the table and the error metric stay comparable.
-enum class backend { cpu_reference };
-
-const char* backend_name(backend b) {
-  switch (b) {
-    case backend::cpu_reference:
-      return "CPU reference path";
-  }
-  return "unknown";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -457,18 +603,21 @@ int main(int argc, char** argv) {
       usage(stderr, argv[0]);
       return 2;
   }
-  const backend where = backend::cpu_reference;
-  std::printf("dms %d.%d.%d: %s\n", DMS_VERSION_MAJOR, DMS_VERSION_MINOR, DMS_VERSION_PATCH,
-              backend_name(where));
+#if defined(__CUDACC__)
+  const bool gpu = cuda_device_present();
+  const char* where =
+      gpu ? "CPU reference path, then the GPU" : "CPU reference path (no GPU found)";
+#else
+  const bool gpu = false;
+  const char* where = "CPU reference path (built without CUDA)";
+#endif
+  std::printf("dms %d.%d.%d: %s\n", DMS_VERSION_MAJOR, DMS_VERSION_MINOR, DMS_VERSION_PATCH, where);
   try {
     const workload w = make_workload(opt);
-    std::vector<result> results;
-    switch (where) {
-      case backend::cpu_reference:
-        results = run_all_cpu(w);
-        break;
-    }
+    std::vector<gpu_result> gpu_results;
+    const std::vector<result> results = run_all(w, gpu ? &gpu_results : nullptr);
     print_table(w, opt, results);
+    if (gpu) print_gpu_table(results, gpu_results);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "dms_demo: %s\n", e.what());
     return 1;
