@@ -21,7 +21,7 @@
 // one sequence in one layer) the steady-state slots are:
 //
 //   dense    N (the context; every token kept and read)
-//   dmsR     DMS-like per-head skew with mean ~N/R (as dms_lengths in cuda_decode.cu): half the
+//   dmsR     DMS-like per-head skew with mean ~N/R (dms_bench::dms_row_lengths): half the
 //            heads hold the 512-token window + 1, the other half the rest, window 512. The ring is
 //            prefilled with every entry but the newest flagged and the decision logits are all
 //            positive, so each append overwrites the slot of the token leaving the window: rows
@@ -79,13 +79,18 @@
 #include "dms/policy/quest.hpp"
 #include "dms/policy/tova.hpp"
 #include "dms/step/cache_state.hpp"
+#include "synthetic_cache.cuh"
 
 namespace {
 
-using kv_t = dms::bfloat16;
+using dms_bench::fill_values;
+using dms_bench::kv_t;
 constexpr int kLayers = 36;          // Qwen3-8B
 constexpr int kDistinctLayers = 36;  // caches built; layer l uses cache l % kDistinctLayers
-constexpr int kv_heads = 8, group = 4, head_dim = 128, page = 16;
+using dms_bench::group;
+using dms_bench::head_dim;
+using dms_bench::kv_heads;
+using dms_bench::page;
 constexpr int kDmsWindow = 512;
 constexpr double kKvBudgetBytes = 40.0 * double(std::size_t{1} << 30);  // K/V of all 36 layers
 constexpr int kIterations = 30;  // timed steps per run (each appends one token to every row)
@@ -93,68 +98,7 @@ constexpr int kWarmupSteps = 1;  // untimed steps before the loop (TOVA reaches 
 constexpr double kGiB = double(std::size_t{1} << 30);
 constexpr double kBytesPerSlot = 2.0 * head_dim * sizeof(kv_t);  // K + V of one token of one row
 
-// ---- synthetic caches (a trimmed copy of cuda_decode.cu's; both live in anonymous namespaces) --
-
-__device__ __forceinline__ unsigned mix(unsigned x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  return x ^ (x >> 16);
-}
-
-template <class T>
-__global__ void fill_values(T* p, std::size_t n, unsigned seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
-       i += std::size_t(gridDim.x) * blockDim.x) {
-    const float x = float(int(mix(unsigned(i) ^ seed) % 2001u) - 1000) * 1e-3f;
-    p[i] = T(scale == 0.0f ? x : scale);
-  }
-}
-
-// Row r owns pages [first_page[r], first_page[r] + ceil(len / page)); slot s holds position s.
-__global__ void fill_rows(dms::cache_state<kv_t> st, const std::int32_t* lengths,
-                          const std::int32_t* first_page) {
-  const int r = blockIdx.x;
-  const int len = lengths[r];
-  if (threadIdx.x == 0) {
-    st.row_length[r] = st.live[r] = st.seen[r] = st.peak[r] = len;
-    st.hole_head[r] = -1;
-  }
-  const int pages = (len + page - 1) / page;
-  for (int p = threadIdx.x; p < st.max_pages_per_row; p += blockDim.x)
-    st.page_entry(r, p) = p < pages ? first_page[r] + p : -1;
-  for (int s = threadIdx.x; s < pages * page; s += blockDim.x)
-    st.position[std::int64_t{first_page[r] + s / page} * page + s % page] = s < len ? s : -1;
-  if (st.score)
-    for (int s = threadIdx.x; s < pages * page; s += blockDim.x)
-      st.score[std::int64_t{first_page[r] + s / page} * page + s % page] = float(mix(s)) * 1e-9f;
-  if (st.page_min)
-    for (int i = threadIdx.x; i < pages * head_dim; i += blockDim.x) {
-      const std::int64_t at = std::int64_t{first_page[r] + i / head_dim} * head_dim + i % head_dim;
-      st.page_min[at] = -float(mix(unsigned(at)) % 1000u) * 1e-3f;
-      st.page_max[at] = float(mix(unsigned(at) + 1u) % 1000u) * 1e-3f;
-    }
-  const std::int64_t ring = std::int64_t{r} * st.ring_length;
-  for (int j = threadIdx.x; j < st.ring_length; j += blockDim.x) {
-    // Every ring entry flagged but the newest: each append reuses a slot (DMS's steady state).
-    const int p = len - 1 - j;
-    if (p >= 0) {
-      st.ring_slot[ring + p % st.ring_length] = p;
-      if (st.ring_flag) st.ring_flag[ring + p % st.ring_length] = j > 0;
-    }
-  }
-}
-
-__global__ void fill_free(dms::cache_state<kv_t> st, int used) {
-  const int free = st.max_pages - used;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < free; i += gridDim.x * blockDim.x)
-    st.free_pages[i] = st.max_pages - 1 - i;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    *st.free_top = free;
-    *st.status = 0;
-  }
-}
+// ---- the stack's caches (built by bench/synthetic_cache.cuh) ----------------------------------
 
 // What one policy's rows look like: initial lengths (one sequence's kv_heads rows; every sequence
 // alike), steady-state slots per row (for the budget), and the cache's extras.
@@ -181,117 +125,17 @@ struct layout {
 };
 
 // One layer's cache on the device: `batch` sequences laid out as `lay`.
-struct layer_cache {
-  dms_bench::device_buffer<kv_t> k, v;
-  dms_bench::device_buffer<std::int32_t> position, page_table, row_length, live, seen, peak,
-      hole_head, free_pages, free_top, ring_slot, status, ids;
-  dms_bench::device_buffer<float> score, page_min, page_max;
-  dms_bench::device_buffer<std::uint8_t> ring_flag, active;
-  dms::cache_state<kv_t> st{};
-  cudaError_t error = cudaSuccess;
+struct layer_cache : dms_bench::synthetic_cache {
+  layer_cache(const layout& lay, int batch)
+      : synthetic_cache(lengths_of(lay, batch), batch, lay.max_row_slots,
+                        batch * kv_heads * lay.spare_pages_per_row, lay.scores, lay.bounds,
+                        lay.ring_length) {}
 
-  layer_cache(const layout& lay, int batch) {
-    const int rows = batch * kv_heads;
-    std::vector<std::int32_t> lengths(static_cast<std::size_t>(rows)),
-        first(static_cast<std::size_t>(rows));
-    int pages = 0;
-    for (int r = 0; r < rows; ++r) {
-      lengths[r] = lay.lengths[r % kv_heads];
-      first[r] = pages;
-      pages += (lengths[r] + page - 1) / page;
-    }
-    const int max_pages = pages + rows * lay.spare_pages_per_row;
-    const int ppr = (lay.max_row_slots + page - 1) / page;
-    const auto slots = std::size_t(max_pages) * page;
-    k = dms_bench::device_buffer<kv_t>(slots * head_dim);
-    v = dms_bench::device_buffer<kv_t>(slots * head_dim);
-    position = dms_bench::device_buffer<std::int32_t>(slots);
-    page_table = dms_bench::device_buffer<std::int32_t>(std::size_t(rows) * ppr);
-    for (auto* b : {&row_length, &live, &seen, &peak, &hole_head})
-      *b = dms_bench::device_buffer<std::int32_t>(std::size_t(rows));
-    free_pages = dms_bench::device_buffer<std::int32_t>(std::size_t(max_pages));
-    free_top = dms_bench::device_buffer<std::int32_t>(1);
-    status = dms_bench::device_buffer<std::int32_t>(1);
-    if (lay.scores) score = dms_bench::device_buffer<float>(slots);
-    if (lay.bounds) {
-      page_min = dms_bench::device_buffer<float>(std::size_t(max_pages) * head_dim);
-      page_max = dms_bench::device_buffer<float>(std::size_t(max_pages) * head_dim);
-    }
-    if (lay.ring_length > 0) {
-      ring_slot = dms_bench::device_buffer<std::int32_t>(std::size_t(rows) * lay.ring_length);
-      ring_flag = dms_bench::device_buffer<std::uint8_t>(std::size_t(rows) * lay.ring_length);
-    }
-    active = dms_bench::device_buffer<std::uint8_t>(std::size_t(batch));
-    ids = dms_bench::device_buffer<std::int32_t>(std::size_t(batch));
-    for (cudaError_t e :
-         {k.status(), v.status(), position.status(), page_table.status(), row_length.status(),
-          live.status(), seen.status(), peak.status(), hole_head.status(), free_pages.status(),
-          free_top.status(), status.status(), score.status(), page_min.status(), page_max.status(),
-          ring_slot.status(), ring_flag.status(), active.status(), ids.status()})
-      if (e != cudaSuccess) error = e;
-    if (error != cudaSuccess) return;
-    st = {k.get(),
-          v.get(),
-          position.get(),
-          score.get(),
-          page_min.get(),
-          page_max.get(),
-          page_table.get(),
-          row_length.get(),
-          live.get(),
-          seen.get(),
-          peak.get(),
-          hole_head.get(),
-          free_pages.get(),
-          free_top.get(),
-          ring_slot.get(),
-          ring_flag.get(),
-          active.get(),
-          status.get(),
-          kv_heads,
-          group,
-          head_dim,
-          page,
-          max_pages,
-          ppr,
-          batch,
-          lay.max_row_slots,
-          lay.ring_length};
-    std::vector<std::int32_t> seq(static_cast<std::size_t>(batch));
-    for (int b = 0; b < batch; ++b) seq[b] = b;
-    dms_bench::device_buffer<std::int32_t> d_len(lengths.size()), d_first(first.size());
-    for (const auto& [d, h] :
-         {std::pair{&d_len, &lengths}, std::pair{&d_first, &first}, std::pair{&ids, &seq}})
-      if (error == cudaSuccess)
-        error = d->status() != cudaSuccess
-                    ? d->status()
-                    : cudaMemcpy(d->get(), h->data(), h->size() * sizeof(std::int32_t),
-                                 cudaMemcpyHostToDevice);
-    if (error != cudaSuccess) return;
-    error = cudaMemset(active.get(), 1, std::size_t(batch));
-    fill_values<<<1024, 256>>>(k.get(), k.size(), 1u, 0.0f);
-    fill_values<<<1024, 256>>>(v.get(), v.size(), 2u, 0.0f);
-    fill_rows<<<rows, 256>>>(st, d_len.get(), d_first.get());
-    fill_free<<<64, 256>>>(st, pages);
-    if (error == cudaSuccess) error = cudaGetLastError();
-    if (error == cudaSuccess) error = cudaDeviceSynchronize();
-  }
-
-  // Every device byte this cache holds.
-  [[nodiscard]] double bytes() const {
-    double n = double(k.bytes()) + double(v.bytes()) + double(score.bytes()) +
-               double(page_min.bytes()) + double(page_max.bytes()) + double(ring_flag.bytes()) +
-               double(active.bytes());
-    for (const auto* b : {&position, &page_table, &row_length, &live, &seen, &peak, &hole_head,
-                          &free_pages, &free_top, &ring_slot, &status, &ids})
-      n += double(b->bytes());
-    return n;
-  }
-
-  // The sticky step status (0 = ok), or -1 if it could not be read.
-  [[nodiscard]] int read_status() const {
-    std::int32_t s = 0;
-    return cudaMemcpy(&s, status.get(), sizeof s, cudaMemcpyDeviceToHost) == cudaSuccess ? s : -1;
+ private:
+  static std::vector<std::int32_t> lengths_of(const layout& lay, int batch) {
+    std::vector<std::int32_t> lengths(static_cast<std::size_t>(batch) * kv_heads);
+    for (std::size_t r = 0; r < lengths.size(); ++r) lengths[r] = lay.lengths[r % kv_heads];
+    return lengths;
   }
 };
 
@@ -325,14 +169,10 @@ layout dense_layout(int context, bool bounds) {
   return lay;
 }
 
-// As dms_lengths in cuda_decode.cu: mean ~ context / ratio, even heads at the window + 1, odd
-// heads the rest.
+// DMS-like per-head skew (bench/synthetic_cache.cuh), one sequence's rows.
 layout dms_layout(int context, int ratio) {
-  const int mean = std::max(1, context / ratio);
-  const int shortest = std::min(mean, kDmsWindow + 1);
   layout lay;
-  for (int h = 0; h < kv_heads; ++h)
-    lay.lengths.push_back(h % 2 == 0 ? shortest : std::min(context, 2 * mean - shortest));
+  lay.lengths = dms_bench::dms_row_lengths(1, context, ratio, kDmsWindow);
   lay.steady = lay.lengths;
   lay.spare_pages_per_row = 0;  // every append reuses the slot of the token leaving the window
   lay.max_row_slots = *std::max_element(lay.lengths.begin(), lay.lengths.end()) + page;
