@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+
+from cuda_timing import median_time_us
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,20 +113,7 @@ def main() -> int:
             print(f"{backend:9s} batch {batch:3d} context {context:6d}: skipped ({skipped})", flush=True)
 
     def time_call(fn):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        for _ in range(args.warmup):
-            fn()
-        torch.cuda.synchronize()
-        times_us = []
-        for i in range(args.reps):
-            flush.fill_(i & 0xFF)  # untimed: evicts K/V from L2 before every timed call
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times_us.append(start.elapsed_time(stop) * 1e3)
-        return statistics.median(times_us)
+        return median_time_us(torch, fn, args.warmup, args.reps, flush)
 
     for batch in args.batches:
         for context in args.contexts:

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+
+from cuda_timing import median_time_us
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,20 +140,7 @@ def main() -> int:
             print(f"{backend:14s} batch {batch:3d} tokens {tokens:6d}: skipped ({skipped})", flush=True)
 
     def time_call(fn):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        for _ in range(args.warmup):
-            fn()
-        torch.cuda.synchronize()
-        times_us = []
-        for i in range(args.reps):
-            flush.fill_(i & 0xFF)  # untimed: evicts the inputs from L2 before every timed call
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times_us.append(start.elapsed_time(stop) * 1e3)
-        return statistics.median(times_us)
+        return median_time_us(torch, fn, args.warmup, args.reps, flush)
 
     def reason_of(e: BaseException) -> str:
         text = str(e).strip()
