@@ -118,36 +118,29 @@ DMS_HOST_DEVICE void write_channel(const cache_state<T>& st, int row, const row_
   }
 }
 
-/// The live slot with the lowest (score, position) among positions < limit, or -1. The GPU runs
-/// the same comparison (evicts_before) as a block-wide reduction; the order is total, so both
-/// pick the same slot.
+/// A row of a cache_state as detail::lowest_slot sees it (length and positions).
 template <class T>
-DMS_HOST_DEVICE int lowest_score_slot(const cache_state<T>& st, int row, std::int32_t limit) {
-  int best = -1;
-  float best_score = 0.0f;
-  std::int32_t best_pos = 0;
-  const int n = st.row_length[row];
-  for (int s = 0; s < n; ++s) {
-    const std::int64_t at = st.slot_index(row, s);
-    const std::int32_t p = st.position[at];
-    if (p < 0 || p >= limit) continue;
-    if (best < 0 || evicts_before(st.score[at], p, best_score, best_pos)) {
-      best = s;
-      best_score = st.score[at];
-      best_pos = p;
-    }
+struct state_row {
+  const cache_state<T>& st;
+  int row;
+  [[nodiscard]] int length() const { return st.row_length[row]; }
+  [[nodiscard]] std::int32_t position(int slot) const {
+    return st.position[st.slot_index(row, slot)];
   }
-  return best;
-}
+  [[nodiscard]] float score(int slot) const { return st.score[st.slot_index(row, slot)]; }
+};
 
-/// After attention, score-evicting policies (TOVA, H2O) shrink the row to their budget.
+/// After attention, score-evicting policies (TOVA, H2O) shrink the row to their budget, lowest
+/// (score, position) first among the unprotected positions: the host cache's rule
+/// (detail::lowest_slot). The GPU runs the same comparison (evicts_before) as a block-wide
+/// reduction (evict_by_score_kernel); the order is total, so both pick the same slot.
 template <class T, class DevicePolicy>
-DMS_HOST_DEVICE void evict_row_by_score(const cache_state<T>& st, const DevicePolicy& policy,
-                                        int row) {
+void evict_row_by_score(const cache_state<T>& st, const DevicePolicy& policy, int row) {
   if constexpr (DevicePolicy::evicts_by_score) {
     const std::int32_t limit = policy.protected_from(st.seen[row]);
+    const state_row<T> r{st, row};
     while (st.live[row] > policy.budget()) {
-      const int victim = lowest_score_slot(st, row, limit);
+      const int victim = detail::lowest_slot(r, limit, [&](int s) { return r.score(s); });
       if (victim < 0) break;
       st.push_hole(row, victim);
     }
