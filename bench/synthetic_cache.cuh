@@ -204,12 +204,7 @@ struct synthetic_cache {
     if (error == cudaSuccess) error = cudaDeviceSynchronize();
   }
 
-  [[nodiscard]] dms::cache_view<const kv_t> view() const {
-    const auto w = st.view();
-    return {w.k,        w.v,          w.position,          w.score,        w.page_min,
-            w.page_max, w.page_table, w.row_length,        w.num_kv_heads, w.group_size,
-            w.head_dim, w.page_size,  w.max_pages_per_row, w.max_rows};
-  }
+  [[nodiscard]] dms::cache_view<const kv_t> view() const { return st.view().read_only(); }
 
   /// Every device byte this cache holds.
   [[nodiscard]] double bytes() const {

@@ -387,6 +387,31 @@ TEST_CASE("cache_view is a trivially copyable, non-owning view", "[cache][view]"
                      const float*>);
 }
 
+TEST_CASE("cache_view::read_only is the same cache, read-only", "[cache][view]") {
+  dms::cache_config cfg = small_config(2, 4, 4);
+  dms::paged_cache<dms::half, dms::quest_policy> cache(cfg);
+  const int seq = cache.add_sequence();
+  for (int t = 0; t < 6; ++t) append_token(cache, seq, t);
+  const auto w = cache.view();
+  const auto r = w.read_only();
+  STATIC_REQUIRE(std::is_same_v<decltype(r), const dms::cache_view<const dms::half>>);
+  CHECK(r.k == w.k);
+  CHECK(r.v == w.v);
+  CHECK(r.position == w.position);
+  CHECK(r.score == w.score);
+  CHECK(r.page_min == w.page_min);
+  CHECK(r.page_max == w.page_max);
+  CHECK(r.page_table == w.page_table);
+  CHECK(r.row_length == w.row_length);
+  CHECK(r.num_kv_heads == w.num_kv_heads);
+  CHECK(r.group_size == w.group_size);
+  CHECK(r.head_dim == w.head_dim);
+  CHECK(r.page_size == w.page_size);
+  CHECK(r.max_pages_per_row == w.max_pages_per_row);
+  CHECK(r.max_rows == w.max_rows);
+  CHECK(r.key(1, 5) == w.key(1, 5));
+}
+
 TEMPLATE_TEST_CASE("view().key/value point at what append wrote, rounded to the storage type",
                    "[cache][view]", float, dms::half, dms::bfloat16) {
   using T = TestType;

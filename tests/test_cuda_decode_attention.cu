@@ -134,13 +134,6 @@ void poison_unread(dms::cache_image<T>& img) {
   }
 }
 
-template <class T>
-dms::cache_view<const T> as_const(const dms::cache_view<T>& v) {
-  return {v.k,        v.v,          v.position,          v.score,        v.page_min,
-          v.page_max, v.page_table, v.row_length,        v.num_kv_heads, v.group_size,
-          v.head_dim, v.page_size,  v.max_pages_per_row, v.max_rows};
-}
-
 struct batch_result {
   std::vector<float> out, lse, score;
   std::int64_t reads = 0;
@@ -215,7 +208,7 @@ batch_result device_batch(const dms::cuda::device_cache<T, P>& dev,
     opt.max_pages = c.max_pages;
   }
 
-  const auto view = as_const(dev.view());
+  const auto view = dev.view().read_only();
   std::size_t bytes = 0;
   REQUIRE(dms::cuda::decode_attention<T, Q>(nullptr, bytes, view, d_seqs.data(), batch, d_q.data(),
                                             d_out.data(), opt, stream) == cudaSuccess);
@@ -531,7 +524,7 @@ TEST_CASE("decode_attention: captured in a CUDA graph", "[gpu][decode_attention]
   dms::cuda::decode_options opt;  // num_sms = 0: the device is asked during capture
   opt.lse = d_lse.data();
   opt.kv_reads = d_reads.data();
-  const auto view = as_const(dev.view());
+  const auto view = dev.view().read_only();
   std::size_t bytes = 0;
   REQUIRE(dms::cuda::decode_attention(nullptr, bytes, view, d_seqs.data(), batch, d_q.data(),
                                       d_out.data(), opt, stream) == cudaSuccess);

@@ -31,13 +31,6 @@ using device_quest_cache = dms::cuda::device_cache<T, dms::quest_policy>;
 enum class keys_kind { random, identical, three_values };
 enum class q_kind { random, zero, small_integers };
 
-template <class T>
-dms::cache_view<const T> read_only(const dms::cache_view<T>& v) {
-  return {v.k,        v.v,          v.position,          v.score,        v.page_min,
-          v.page_max, v.page_table, v.row_length,        v.num_kv_heads, v.group_size,
-          v.head_dim, v.page_size,  v.max_pages_per_row, v.max_rows};
-}
-
 // One sequence per length; the pool holds exactly what they need.
 dms::cache_config make_config(int kv_heads, int group_size, int head_dim, int page_size,
                               const std::vector<int>& lengths) {
@@ -144,7 +137,7 @@ void check_against_cpu(quest_cache<T>& host, const std::vector<std::int32_t>& se
   dms::cuda::device_buffer<Q> d_q(q_count);
   d_seqs.upload(seqs, nullptr);
   std::size_t temp_bytes = 0;
-  REQUIRE(dms::cuda::select_pages<T, Q>(nullptr, temp_bytes, read_only(dev.view()), nullptr, batch,
+  REQUIRE(dms::cuda::select_pages<T, Q>(nullptr, temp_bytes, dev.view().read_only(), nullptr, batch,
                                         nullptr, policy, nullptr, nullptr, stride) == cudaSuccess);
   dms::cuda::device_buffer<unsigned char> temp(std::max<std::size_t>(temp_bytes, 1));
 
@@ -155,7 +148,7 @@ void check_against_cpu(quest_cache<T>& host, const std::vector<std::int32_t>& se
     CAPTURE(int(kind));
     make_queries(kind, q_count, rng, q, q_float);
     d_q.upload(q, nullptr);
-    REQUIRE(dms::cuda::select_pages(temp.data(), temp_bytes, read_only(dev.view()), d_seqs.data(),
+    REQUIRE(dms::cuda::select_pages(temp.data(), temp_bytes, dev.view().read_only(), d_seqs.data(),
                                     batch, d_q.data(), policy, d_pages.data(), d_counts.data(),
                                     stride) == cudaSuccess);
     d_pages.download(pages, nullptr);
@@ -350,7 +343,7 @@ TEST_CASE("cuda::select_pages: argument checks, writable views, bad ids, graph c
     cudaGraphExec_t exec = nullptr;
     REQUIRE(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal) == cudaSuccess);
     const cudaError_t launched = dms::cuda::select_pages(
-        temp.data(), temp_bytes, read_only(dev.view()), d_seqs.data(), batch, d_q.data(), policy,
+        temp.data(), temp_bytes, dev.view().read_only(), d_seqs.data(), batch, d_q.data(), policy,
         d_pages.data(), d_counts.data(), stride, stream);
     REQUIRE(cudaStreamEndCapture(stream, &graph) == cudaSuccess);
     REQUIRE(launched == cudaSuccess);

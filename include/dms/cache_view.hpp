@@ -55,6 +55,12 @@ struct cache_view {
   DMS_HOST_DEVICE int num_pages(int row) const {
     return (row_length[row] + page_size - 1) / page_size;
   }
+  /// The same cache, read-only: what the device attention and selection entry points take.
+  DMS_HOST_DEVICE cache_view<const T> read_only() const {
+    return {k,        v,          position,          score,        page_min,
+            page_max, page_table, row_length,        num_kv_heads, group_size,
+            head_dim, page_size,  max_pages_per_row, max_rows};
+  }
 };
 
 static_assert(std::is_trivially_copyable_v<cache_view<float>>);

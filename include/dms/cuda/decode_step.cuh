@@ -79,21 +79,7 @@ template <class T, class DevicePolicy, class In, class Q>
                                       cudaStream_t stream = nullptr) {
   if (in.batch < 0) return cudaErrorInvalidValue;
   const int rows = in.batch * st.num_kv_heads;
-  const cache_view<T> mutable_view = st.view();
-  const cache_view<const T> view{mutable_view.k,
-                                 mutable_view.v,
-                                 mutable_view.position,
-                                 mutable_view.score,
-                                 mutable_view.page_min,
-                                 mutable_view.page_max,
-                                 mutable_view.page_table,
-                                 mutable_view.row_length,
-                                 mutable_view.num_kv_heads,
-                                 mutable_view.group_size,
-                                 mutable_view.head_dim,
-                                 mutable_view.page_size,
-                                 mutable_view.max_pages_per_row,
-                                 mutable_view.max_rows};
+  const cache_view<const T> view = st.view().read_only();
 
   // Sizes of every stage's temporary storage, then one carve-up.
   std::size_t append_bytes = 0, select_bytes = 0, attention_bytes = 0;

@@ -388,12 +388,8 @@ requires(!std::is_const_v<T>) [[nodiscard]] cudaError_t
                  const std::int32_t* seq_ids, int batch, const Q* q,
                  const quest_device_policy& policy, std::int32_t* pages, std::int32_t* page_counts,
                  int page_stride, cudaStream_t stream = nullptr) {
-  const cache_view<const T> read_only{
-      view.k,        view.v,          view.position,          view.score,        view.page_min,
-      view.page_max, view.page_table, view.row_length,        view.num_kv_heads, view.group_size,
-      view.head_dim, view.page_size,  view.max_pages_per_row, view.max_rows};
-  return select_pages(d_temp, temp_bytes, read_only, seq_ids, batch, q, policy, pages, page_counts,
-                      page_stride, stream);
+  return select_pages(d_temp, temp_bytes, view.read_only(), seq_ids, batch, q, policy, pages,
+                      page_counts, page_stride, stream);
 }
 
 }  // namespace cuda
