@@ -33,6 +33,18 @@ struct h2o_device_policy : device_policy_base {
   DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
   DMS_HOST_DEVICE int budget() const { return keep; }
   DMS_HOST_DEVICE std::int32_t protected_from(std::int32_t seen) const { return seen - recent; }
+  // Prompt: column sums of the causal probabilities, then down to the budget outside `recent`.
+  static constexpr prompt_reduction reduces_prompt = prompt_reduction::by_score;
+  DMS_HOST_DEVICE score_update prompt_score(std::int32_t, std::int32_t) const {
+    return score_update::add;
+  }
+  DMS_HOST_DEVICE bool prompt_candidate(std::int32_t position, std::int32_t seen) const {
+    return position < seen - recent;
+  }
+  DMS_HOST_DEVICE int prompt_evictions(int live, int candidates) const {
+    const int over = live > keep ? live - keep : 0;
+    return over < candidates ? over : candidates;
+  }
 };
 
 struct h2o_policy : policy<h2o_policy> {

@@ -33,8 +33,29 @@ struct snapkv_params {
 
 /// Device form: decode after the prompt is dense; scores exist for the prompt's vote.
 struct snapkv_device_policy : device_policy_base {
+  int capacity;
+  int window;
+  int kernel;
+  bool max_pooling;
   static constexpr bool keeps_scores = true;
+  static constexpr prompt_reduction reduces_prompt = prompt_reduction::by_pooled_score;
   DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
+  DMS_HOST_DEVICE score_update prompt_score(std::int32_t query_position,
+                                            std::int32_t prompt_end) const {
+    return prompt_end >= 0 && query_position >= prompt_end - window ? score_update::add
+                                                                    : score_update::none;
+  }
+  DMS_HOST_DEVICE bool prompt_candidate(std::int32_t position, std::int32_t seen) const {
+    return position < seen - window;
+  }
+  // A row within capacity is left as it is; otherwise the prefix keeps capacity - window.
+  DMS_HOST_DEVICE int prompt_evictions(int live, int candidates) const {
+    if (live <= capacity) return -1;
+    const int over = candidates - (capacity - window);
+    return over > 0 ? over : 0;
+  }
+  DMS_HOST_DEVICE int pool_kernel() const { return kernel; }
+  DMS_HOST_DEVICE bool pool_max() const { return max_pooling; }
 };
 
 struct snapkv_policy : policy<snapkv_policy> {
@@ -64,7 +85,13 @@ struct snapkv_policy : policy<snapkv_policy> {
   template <class Seq>
   void after_attention(Seq&) const {}
 
-  [[nodiscard]] snapkv_device_policy device_form() const { return {}; }
+  [[nodiscard]] snapkv_device_policy device_form() const {
+    return {{},
+            params_.capacity,
+            params_.window,
+            params_.kernel,
+            params_.pooling == snapkv_pooling::max};
+  }
 
   template <class Seq>
   void compress_prompt(Seq& seq) const {

@@ -49,6 +49,16 @@ struct streaming_device_policy : device_policy_base {
     if (tok.position >= sinks)
       row.ring_slot[streaming_rule::ring_index(tok.position, sinks, recent)] = slot;
   }
+  // Prompt: everything between the sinks and the `recent` newest goes.
+  static constexpr prompt_reduction reduces_prompt = prompt_reduction::by_score;
+  DMS_HOST_DEVICE bool prompt_candidate(std::int32_t position, std::int32_t seen) const {
+    return position >= sinks && position < seen - recent;
+  }
+  DMS_HOST_DEVICE int prompt_evictions(int, int candidates) const { return candidates; }
+  DMS_HOST_DEVICE void on_slot_moved(const row_context& row, std::int32_t position, int to) const {
+    if (position >= sinks && position >= row.seen - recent)
+      row.ring_slot[streaming_rule::ring_index(position, sinks, recent)] = to;
+  }
 };
 
 struct streaming_params {

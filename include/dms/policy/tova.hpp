@@ -30,14 +30,23 @@ struct tova_params {
   tova_ranking ranking = tova_ranking::per_kv_head;
 };
 
-/// Device form: per-KV-head ranking (layer_average has no device form yet).
+/// Device form: per-KV-head ranking (layer_average has no device form yet). The prompt keeps the
+/// `keep` tokens the last prompt query attends to most.
 struct tova_device_policy : device_policy_base {
   int keep;
   static constexpr bool evicts_by_score = true;
   static constexpr bool keeps_scores = true;
   static constexpr score_update decode_score = score_update::assign;
+  static constexpr prompt_reduction reduces_prompt = prompt_reduction::by_score;
   DMS_HOST_DEVICE int choose_victim(const row_context&, const token_info&) const { return -1; }
   DMS_HOST_DEVICE int budget() const { return keep; }
+  DMS_HOST_DEVICE score_update prompt_score(std::int32_t, std::int32_t) const {
+    return score_update::assign;
+  }
+  DMS_HOST_DEVICE bool prompt_candidate(std::int32_t, std::int32_t) const { return true; }
+  DMS_HOST_DEVICE int prompt_evictions(int live, int) const {
+    return live > keep ? live - keep : 0;
+  }
 };
 
 struct tova_policy : policy<tova_policy> {

@@ -83,11 +83,17 @@ void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const fl
                  " are free");
 }
 
+/// Whether prefill_chunk ends the prompt (cache.finish_prompt) after its last chunk.
+enum class end_of_prompt { finish, defer };
+
 /// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
-/// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt).
+/// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt), unless
+/// `end` is defer: then the caller ends it, e.g. once every sequence of a batch has appended its
+/// last chunk (the order of the GPU's batched prefill, which hands out pages in that order).
 template <storage_type T, class P>
 void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
-                   int prompt_length, prefill_outputs o) {
+                   int prompt_length, prefill_outputs o,
+                   end_of_prompt end = end_of_prompt::finish) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
   const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
@@ -233,7 +239,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
       }
     }
   }
-  if (t0 + n == prompt_length) cache.finish_prompt(seq);
+  if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
 }
 
 /// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
