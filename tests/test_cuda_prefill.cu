@@ -17,6 +17,11 @@
 // GPU (storage-type inputs) see the same numbers. Then a few decode appends (dms::cuda::append
 // vs paged_cache::append) and, optionally, a second prompt (a later turn, t0 > 0) run on both,
 // and the caches must still be equal.
+//
+// TOVA, H2O and SnapKV also score the prompt on the GPU (dms/cuda/prompt_scores.cuh) and every
+// training-free policy reduces it at the end (dms/cuda/prompt_compression.cuh): the scores must
+// be close (compare_caches) and the kept tokens, slots and pages identical. finish_prompts alone
+// is checked bit for bit on hand-set scores full of ties.
 
 #include <algorithm>
 #include <catch2/catch.hpp>
@@ -131,7 +136,8 @@ prompts make_prompts(const dms::cache_config& cfg, const std::vector<int>& lengt
   return p;
 }
 
-// Host reference: chunk by chunk, the sequences of the batch in order within a chunk.
+// Host reference: chunk by chunk, the sequences of the batch in order within a chunk, then the
+// prompts end in batch order (the GPU appends every sequence's last chunk before it compresses).
 template <class T, class P>
 void host_prefill(dms::paged_cache<T, P>& host, const std::vector<std::int32_t>& seqs,
                   const prompts& p, int chunk, std::vector<float>& out, std::vector<float>& lse) {
@@ -155,9 +161,32 @@ void host_prefill(dms::paged_cache<T, P>& host, const std::vector<std::int32_t>&
           std::clamp(p.padding[b] - begin, 0, len)};
       dms::reference::prefill_chunk(host, seqs[b], in, prompt_length[b],
                                     {std::span<float>(out).subspan(t * qrow, n * qrow),
-                                     std::span<float>(lse).subspan(t * Hq, n * Hq), 0.0f});
+                                     std::span<float>(lse).subspan(t * Hq, n * Hq), 0.0f},
+                                    dms::reference::end_of_prompt::defer);
     }
   }
+  for (const std::int32_t seq : seqs) host.finish_prompt(seq);
+}
+
+// The caches must be equal; scores (attention probabilities summed in a different order) only
+// close: within 1e-4 relative, 1e-6 absolute. Then the device's scores are replaced by the
+// host's and the images must be identical, which also shows that both kept the same tokens.
+template <class T>
+void compare_caches(const dms::cache_image<T>& ref, dms::cache_image<T> got) {
+  if (!ref.score.empty() && ref.score.size() == got.score.size()) {
+    int bad = 0;
+    for (std::size_t i = 0; i < ref.score.size(); ++i) {
+      if (ref.position[i] < 0 || got.position[i] != ref.position[i]) continue;
+      const double e = std::fabs(double(ref.score[i]) - double(got.score[i]));
+      if (!(e <= 1e-4 * std::fabs(double(ref.score[i])) + 1e-6) && bad++ == 0)
+        UNSCOPED_INFO("first bad score at flat slot " << i << " (position " << ref.position[i]
+                                                      << "): reference " << ref.score[i] << ", GPU "
+                                                      << got.score[i]);
+    }
+    CHECK(bad == 0);
+    got.score = ref.score;
+  }
+  REQUIRE(dms_test::first_difference(ref, got) == "");
 }
 
 // The same prompts through dms::cuda::prefill; returns the outputs as float.
@@ -297,13 +326,13 @@ void check_prefill(const prefill_case& pc, P policy) {
   host_prefill(host, seqs, p, pc.chunk, ref_out, ref_lse);
   device_prefill(dev, seqs, p, pc.chunk, pc.tensor_cores, true, got_out, got_lse);
   CHECK(dev.status() == dms::step_status::ok);
-  REQUIRE(dms_test::first_difference(host.to_image(), dev.download()) == "");
+  compare_caches(host.to_image(), dev.download());
   compare_outputs<T>(ref_out, got_out, ref_lse, got_lse);
   check_padding_zero(p, cfg.num_query_heads() * cfg.head_dim, got_out);
 
   decode_steps(host, dev, seqs, pc.decode_steps, rng);
   CHECK(dev.status() == dms::step_status::ok);
-  REQUIRE(dms_test::first_difference(host.to_image(), dev.download()) == "");
+  compare_caches(host.to_image(), dev.download());
 
   if (pc.second_prompt > 0) {  // a later turn: the cache holds prompt + decode tokens
     const prompts p2 = make_prompts<T>(cfg, std::vector<int>(pc.lengths.size(), pc.second_prompt),
@@ -311,7 +340,7 @@ void check_prefill(const prefill_case& pc, P policy) {
     host_prefill(host, seqs, p2, pc.chunk, ref_out, ref_lse);
     device_prefill(dev, seqs, p2, pc.chunk, pc.tensor_cores, false, got_out, got_lse);
     CHECK(dev.status() == dms::step_status::ok);
-    REQUIRE(dms_test::first_difference(host.to_image(), dev.download()) == "");
+    compare_caches(host.to_image(), dev.download());
     compare_outputs<T>(ref_out, got_out, ref_lse, got_lse);
   }
 }
@@ -431,4 +460,157 @@ TEST_CASE("GPU prefill: a chunk that cannot get its pages changes nothing", "[gp
   dms::cache_image<dms::bfloat16> expected = host.to_image();
   expected.status = std::int32_t(dms::step_status::pool_exhausted);
   CHECK(dms_test::first_difference(expected, dev.download()) == "");
+}
+
+// ---- training-free policies: prompt scores (prompt_scores.cuh) and compression -------------
+
+TEST_CASE("GPU prefill == reference: TOVA keeps what the last prompt query attends to",
+          "[gpu][prefill][tova]") {
+  for (const int chunk : {1, 7, 1000}) {
+    prefill_case c;
+    c.chunk = chunk;
+    c.second_prompt = 9;
+    c.seed = unsigned(300 + chunk);
+    check_prefill<dms::bfloat16>(c, dms::tova_policy{{.budget = 20}});
+  }
+  prefill_case c;
+  c.group = 1;
+  c.head_dim = 64;
+  c.chunk = 16;
+  check_prefill<dms::half>(c, dms::tova_policy{{.budget = 50}});  // one row under budget
+}
+
+TEST_CASE("GPU prefill == reference: H2O column sums, then heavy + recent", "[gpu][prefill][h2o]") {
+  for (const int chunk : {7, 1000})
+    for (const int recent : {0, 8}) {
+      prefill_case c;
+      c.chunk = chunk;
+      c.second_prompt = 12;
+      c.seed = unsigned(400 + chunk + recent);
+      INFO("recent " << recent);
+      check_prefill<dms::half>(c, dms::h2o_policy{{.budget = 24, .recent = recent}});
+    }
+  prefill_case c;  // many query batches per key tile, GQA 8
+  c.kv_heads = 1;
+  c.group = 8;
+  c.lengths = {300, 251};
+  c.chunk = 128;
+  check_prefill<dms::bfloat16>(c, dms::h2o_policy{{.budget = 64, .recent = 16}});
+}
+
+TEST_CASE("GPU prefill == reference: SnapKV's window votes, max and average pooling",
+          "[gpu][prefill][snapkv]") {
+  for (const auto pooling : {dms::snapkv_pooling::max, dms::snapkv_pooling::avg})
+    for (const int chunk : {5, 1000}) {
+      prefill_case c;
+      c.chunk = chunk;
+      c.seed = unsigned(500 + chunk);
+      check_prefill<dms::bfloat16>(
+          c, dms::snapkv_policy{{.capacity = 24,
+                                 .window = 6,
+                                 .kernel = pooling == dms::snapkv_pooling::max ? 7 : 5,
+                                 .pooling = pooling}});
+    }
+}
+
+TEST_CASE("GPU prefill == reference: StreamingLLM keeps sinks + window, and the SIMT path",
+          "[gpu][prefill][streaming]") {
+  for (const int chunk : {3, 1000}) {
+    prefill_case c;
+    c.chunk = chunk;
+    c.second_prompt = 20;
+    c.seed = unsigned(600 + chunk);
+    check_prefill<dms::bfloat16>(c, dms::streaming_llm_policy{{.sinks = 2, .recent = 10}});
+  }
+  prefill_case c;
+  c.chunk = 9;
+  c.head_dim = 64;
+  check_prefill<float>(c, dms::tova_policy{{.budget = 16}});
+  check_prefill<float>(c, dms::h2o_policy{{.budget = 16, .recent = 4}});
+}
+
+namespace {
+
+// finish_prompts alone, on scores set by hand with many ties (0, 0.25, 0.5 and -0): the device
+// must pick and compact exactly what paged_cache::finish_prompt does, bit for bit.
+template <class P>
+void check_finish_prompts(P policy, unsigned seed) {
+  dms::cache_config cfg;
+  cfg.num_kv_heads = 2;
+  cfg.group_size = 2;
+  cfg.head_dim = 64;
+  cfg.page_size = 4;
+  cfg.max_sequences = 5;
+  cfg.max_row_slots = 256;
+  cfg.max_pages = 200;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  const std::vector<int> lengths = {37, 0, 1, 16, 90};
+  dms::paged_cache<dms::bfloat16, P> host(cfg, policy);
+  std::vector<std::int32_t> seqs;
+  const std::size_t krow = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
+  for (const int n : lengths) {
+    const int seq = host.add_sequence();
+    seqs.push_back(seq);
+    std::vector<float> k(krow), v(krow);
+    for (int t = 0; t < n; ++t) {
+      for (auto& x : k) x = uniform(rng);
+      for (auto& x : v) x = uniform(rng);
+      host.append(seq, k, v, {}, true);
+    }
+  }
+  if (!host.to_image().score.empty()) {
+    const auto view = host.view();
+    const float choices[] = {0.0f, 0.25f, 0.5f, -0.0f};
+    for (const int seq : seqs)
+      for (int h = 0; h < cfg.num_kv_heads; ++h) {
+        const int r = host.row_index(seq, h);
+        for (int s = 0; s < host.row_length(r); ++s)
+          view.score[view.slot_index(r, s)] = choices[rng() % 4];
+      }
+  }
+  std::shuffle(seqs.begin(), seqs.end(), rng);
+  dms::cuda::device_cache<dms::bfloat16, P> dev(host);
+  for (const int seq : seqs) host.finish_prompt(seq);
+
+  const auto d_seqs = upload(seqs);
+  std::size_t bytes = 0;
+  REQUIRE(dms::cuda::finish_prompts(nullptr, bytes, dev, d_seqs.data(), int(seqs.size())) ==
+          cudaSuccess);
+  dms::cuda::device_buffer<unsigned char> temp(std::max<std::size_t>(bytes, 1));
+  REQUIRE(dms::cuda::finish_prompts(temp.data(), bytes, dev, d_seqs.data(), int(seqs.size())) ==
+          cudaSuccess);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  CHECK(dev.status() == dms::step_status::ok);
+  REQUIRE(dms_test::first_difference(host.to_image(), dev.download()) == "");
+
+  // A batch naming an unknown and a repeated sequence changes nothing but the status.
+  const std::vector<std::int32_t> bad = {seqs[0], seqs[0]};
+  const auto d_bad = upload(bad);
+  REQUIRE(dms::cuda::finish_prompts(temp.data(), bytes, dev, d_bad.data(), 2) == cudaSuccess);
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  dms::cache_image<dms::bfloat16> expected = host.to_image();
+  expected.status = std::int32_t(dms::step_status::duplicate_sequence);
+  CHECK(dms_test::first_difference(expected, dev.download()) == "");
+}
+
+}  // namespace
+
+TEST_CASE("GPU finish_prompts == paged_cache::finish_prompt, ties included",
+          "[gpu][prefill][compression]") {
+  for (const unsigned seed : {1u, 2u, 3u}) {
+    check_finish_prompts(dms::tova_policy{{.budget = 9}}, seed);
+    check_finish_prompts(dms::h2o_policy{{.budget = 10, .recent = 3}}, seed);
+    check_finish_prompts(dms::h2o_policy{{.budget = 5, .recent = 0}}, seed);
+    check_finish_prompts(
+        dms::snapkv_policy{
+            {.capacity = 12, .window = 3, .kernel = 7, .pooling = dms::snapkv_pooling::max}},
+        seed);
+    check_finish_prompts(
+        dms::snapkv_policy{
+            {.capacity = 12, .window = 3, .kernel = 5, .pooling = dms::snapkv_pooling::avg}},
+        seed);
+    check_finish_prompts(dms::streaming_llm_policy{{.sinks = 3, .recent = 5}}, seed);
+    check_finish_prompts(dms::dense_policy{}, seed);
+  }
 }

@@ -24,9 +24,10 @@
 // Unlike token-by-token appends, a chunk that cannot complete (pool exhausted, row full, unknown
 // or duplicate sequence) changes nothing, like the host prefill (check_prompt_capacity).
 //
-// Scope: policies whose prompt needs nothing after the appends: dense, DMS, Quest. TOVA, H2O and
-// SnapKV (prompt scores, then compress_prompt) and StreamingLLM (compress_prompt) have no GPU
-// prompt reduction yet; prefill() rejects them at compile time (append_prompt takes them).
+// prefill() runs, per chunk, prefill_attention, append_prompt and, for the policies that rank
+// the prompt by attention (TOVA, H2O, SnapKV), prompt_scores (dms/cuda/prompt_scores.cuh); after
+// the last chunk, finish_prompts (dms/cuda/prompt_compression.cuh) reduces the prompts of the
+// training-free policies to their budgets. Every library policy is taken.
 
 #if !defined(__CUDACC__)
 #error "dms/cuda/prefill.cuh is CUDA code: include it from a .cu translation unit compiled by nvcc"
@@ -45,6 +46,8 @@
 #include "dms/cuda/check.cuh"
 #include "dms/cuda/device_cache.cuh"
 #include "dms/cuda/prefill_attention.cuh"
+#include "dms/cuda/prompt_compression.cuh"
+#include "dms/cuda/prompt_scores.cuh"
 #include "dms/numeric.hpp"
 #include "dms/policy/dms.hpp"
 #include "dms/step/batch_step.hpp"
@@ -473,40 +476,65 @@ template <class T, class DevicePolicy>
   return cudaGetLastError();
 }
 
-/// Temporary storage prefill needs (the larger of attention's and the append's for one chunk).
-template <class T>
-[[nodiscard]] std::size_t prefill_temp_bytes(const cache_state<T>& st, int batch, int tokens,
-                                             int chunk_size) {
-  const int chunk = std::max(1, std::min(chunk_size, tokens));
-  return std::max(prefill_attention_temp_bytes(st, batch, chunk),
-                  append_prompt_temp_bytes(st, batch, chunk));
+namespace detail {
+
+// prefill's temporary storage: the prompt's log-sum-exp when the policy scores the prompt and
+// the caller passed no lse array ([batch][tokens][num_query_heads] fp32), then one region that
+// attention, the append and finish_prompts take in turn.
+template <class T, class DevicePolicy>
+std::size_t prefill_lse_bytes(const cache_state<T>& st, const prefill_batch<T>& in) {
+  if (!DevicePolicy::keeps_scores || in.lse != nullptr) return 0;
+  return prefill_align(sizeof(float) * std::size_t(std::max(0, in.batch)) *
+                       std::size_t(std::max(0, in.tokens)) *
+                       std::size_t(st.num_kv_heads * st.group_size));
+}
+
+}  // namespace detail
+
+/// Temporary storage prefill needs for `in` in chunks of chunk_size tokens.
+template <class T, class DevicePolicy>
+[[nodiscard]] std::size_t prefill_temp_bytes(const cache_state<T>& st, const DevicePolicy&,
+                                             const prefill_batch<T>& in, int chunk_size) {
+  const int chunk = std::max(1, std::min(chunk_size, in.tokens));
+  std::size_t shared = std::max(prefill_attention_temp_bytes(st, in.batch, chunk),
+                                append_prompt_temp_bytes(st, in.batch, chunk));
+  if constexpr (DevicePolicy::reduces_prompt != prompt_reduction::none)
+    shared = std::max(shared, finish_prompts_temp_bytes(st, in.batch));
+  return detail::prefill_lse_bytes<T, DevicePolicy>(st, in) + shared;
 }
 
 /// Prefills the prompts of `in` (in.tokens per sequence, left-padded by in.padding) in chunks of
-/// chunk_size tokens: per chunk, prefill_attention then append_prompt. Chunk size changes the
-/// result by float rounding only. No host synchronization; errors of the appends land in
-/// cache_state::status. Dense, DMS and Quest caches (see the top of this header).
-/// d_temp == nullptr: only sets temp_bytes.
+/// chunk_size tokens: per chunk, prefill_attention, append_prompt and (TOVA, H2O, SnapKV)
+/// prompt_scores; then finish_prompts. Chunk size changes the result by float rounding only.
+/// No host synchronization; errors land in cache_state::status. d_temp == nullptr: only sets
+/// temp_bytes.
 template <class T, class DevicePolicy>
 [[nodiscard]] cudaError_t prefill(void* d_temp, std::size_t& temp_bytes, const cache_state<T>& st,
                                   const DevicePolicy& policy, const prefill_batch<T>& in,
                                   int chunk_size, cudaStream_t stream = nullptr) {
-  static_assert(
-      !DevicePolicy::keeps_scores && !std::is_same_v<DevicePolicy, streaming_device_policy>,
-      "dms::cuda::prefill: TOVA, H2O, SnapKV and StreamingLLM reduce the prompt after "
-      "prefill (compress_prompt), which has no GPU form yet");
   if (chunk_size < 1 || in.tokens < 0 || in.batch < 0) return cudaErrorInvalidValue;
-  const std::size_t need = prefill_temp_bytes(st, in.batch, in.tokens, chunk_size);
+  const std::size_t need = prefill_temp_bytes(st, policy, in, chunk_size);
   if (d_temp == nullptr) {
     temp_bytes = need;
     return cudaSuccess;
   }
   if (temp_bytes < need) return cudaErrorInvalidValue;
+  if (in.tokens == 0 || in.batch == 0) return cudaSuccess;
+  // The scoring policies need every query's lse: the caller's array, or one in d_temp.
+  const std::size_t lse_bytes = detail::prefill_lse_bytes<T, DevicePolicy>(st, in);
+  prefill_batch<T> run = in;
+  if (lse_bytes > 0) run.lse = static_cast<float*>(d_temp);
+  void* shared = static_cast<unsigned char*>(d_temp) + lse_bytes;
+  std::size_t shared_bytes = temp_bytes - lse_bytes;
   for (int begin = 0; begin < in.tokens; begin += chunk_size) {
     const int length = std::min(chunk_size, in.tokens - begin);
-    DMS_CUDA_TRY(prefill_attention(d_temp, temp_bytes, st, policy, in, begin, length, stream));
-    DMS_CUDA_TRY(append_prompt(d_temp, temp_bytes, st, policy, in, begin, length, stream));
+    DMS_CUDA_TRY(prefill_attention(shared, shared_bytes, st, policy, run, begin, length, stream));
+    DMS_CUDA_TRY(append_prompt(shared, shared_bytes, st, policy, run, begin, length, stream));
+    if constexpr (DevicePolicy::keeps_scores)
+      DMS_CUDA_TRY(prompt_scores(st, policy, run, begin, length, run.lse, stream));
   }
+  if constexpr (DevicePolicy::reduces_prompt != prompt_reduction::none)
+    DMS_CUDA_TRY(finish_prompts(shared, shared_bytes, st, policy, in.seq_ids, in.batch, stream));
   return cudaSuccess;
 }
 
