@@ -5,6 +5,10 @@
 // 512, as bench/peers/torch_prefill.py draws them; "none" flags nothing (the dense-mask case).
 // Timed: the whole prefill of one fresh sequence (all launches, CUDA events); between
 // iterations, untimed, the sequence is released and re-added and the L2 flushed.
+// The training-free policies prefill densely, score the prompt on the GPU (TOVA: the last query;
+// SnapKV: a 32-query window; H2O: every causal (query, key) pair, a fp32 SIMT pass) and reduce it
+// to T/8 tokens per row (compression 8); their time next to bm_prefill_dense's is the cost of
+// scoring + compression.
 // counters: causal_tflops = FLOPs of dense causal attention (4 Hq d T (T+1) / 2) / time, the
 // yardstick torch_prefill.py reports, and tokens_per_s.
 #include <benchmark/benchmark.h>
@@ -107,6 +111,22 @@ void bm_prefill_dms_none_flagged(benchmark::State& s) {
   run_prefill(s, dms::dms_policy{{.window = 512}}, dms_none);
 }
 
+void bm_prefill_tova(benchmark::State& s) {
+  run_prefill(s, dms::tova_policy{{.budget = int(s.range(0)) / 8}}, dense_policy_run);
+}
+void bm_prefill_h2o(benchmark::State& s) {
+  const int budget = int(s.range(0)) / 8;
+  run_prefill(s, dms::h2o_policy{{.budget = budget, .recent = budget / 2}}, dense_policy_run);
+}
+void bm_prefill_snapkv(benchmark::State& s) {
+  run_prefill(s, dms::snapkv_policy{{.capacity = int(s.range(0)) / 8, .window = 32}},
+              dense_policy_run);
+}
+void bm_prefill_streaming(benchmark::State& s) {
+  run_prefill(s, dms::streaming_llm_policy{{.sinks = 4, .recent = int(s.range(0)) / 8 - 4}},
+              dense_policy_run);
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"tokens", "chunk"});
   for (const int t : {4096, 16384, 32768})
@@ -123,3 +143,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(bm_prefill_dense)->Apply(shapes);
 BENCHMARK(bm_prefill_dms)->Apply(shapes);
 BENCHMARK(bm_prefill_dms_none_flagged)->Apply(shapes);
+BENCHMARK(bm_prefill_tova)->Apply(shapes);
+BENCHMARK(bm_prefill_h2o)->Apply(shapes);
+BENCHMARK(bm_prefill_snapkv)->Apply(shapes);
+BENCHMARK(bm_prefill_streaming)->Apply(shapes);
