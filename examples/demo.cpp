@@ -351,8 +351,9 @@ bool cuda_device_present() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-/// Prefills on the CPU reference path (the GPU prefill is issue 4's), uploads the cache, then runs
-/// every decode step of the batch as one dms::cuda::decode_step: inputs uploaded once, outputs
+/// Prefills on the CPU reference path, so both tables start from the same cache (dms::cuda::prefill
+/// scores prompts in fp32 in another order, and a near tie may keep another token), uploads it,
+/// runs every decode step of the batch as one dms::cuda::decode_step: inputs uploaded once, outputs
 /// downloaded once, no host synchronization in between.
 template <class Policy>
 gpu_result run_gpu(const workload& w, Policy policy, const std::vector<float>& cpu_outputs) {
