@@ -14,20 +14,11 @@
 
 #include "dms/dms.hpp"
 #include "support/image_compare.hpp"
+#include "support/step_config.hpp"
 
 namespace {
 
-dms::cache_config config(int kv_heads, int group, int head_dim, int page_size, int max_pages) {
-  dms::cache_config c;
-  c.num_kv_heads = kv_heads;
-  c.group_size = group;
-  c.head_dim = head_dim;
-  c.page_size = page_size;
-  c.max_pages = max_pages;
-  c.max_sequences = 6;
-  c.max_row_slots = 4096;
-  return c;
-}
+using dms_test::step_config;
 
 // Runs `steps` decode steps over a shuffled batch of sequences on both paths and compares the
 // full images after every step. Sequences start with different numbers of tokens (ragged), one
@@ -103,35 +94,36 @@ void check_equivalence(const dms::cache_config& cfg, P policy, int steps, unsign
 }  // namespace
 
 TEST_CASE("batched step == paged_cache: dense", "[step]") {
-  check_equivalence<dms::bfloat16>(config(2, 2, 8, 4, 128), dms::dense_policy{}, 40, 1);
+  check_equivalence<dms::bfloat16>(step_config(2, 2, 8, 4, 128), dms::dense_policy{}, 40, 1);
 }
 
 TEST_CASE("batched step == paged_cache: DMS, windows 0, 1, 3 and 16", "[step][dms]") {
   for (const int w : {0, 1, 3, 16}) {
     INFO("window " << w);
-    check_equivalence<dms::half>(config(3, 2, 8, 4, 256), dms::dms_policy(dms::dms_params{w}), 60,
-                                 unsigned(10 + w));
+    check_equivalence<dms::half>(step_config(3, 2, 8, 4, 256), dms::dms_policy(dms::dms_params{w}),
+                                 60, unsigned(10 + w));
   }
 }
 
 TEST_CASE("batched step == paged_cache: TOVA and H2O evict the same slots", "[step][tova][h2o]") {
-  check_equivalence<float>(config(2, 4, 8, 4, 256), dms::tova_policy(dms::tova_params{7}), 50, 3);
-  check_equivalence<dms::bfloat16>(config(2, 2, 8, 4, 256), dms::h2o_policy(dms::h2o_params{9, 4}),
-                                   50, 4);
+  check_equivalence<float>(step_config(2, 4, 8, 4, 256), dms::tova_policy(dms::tova_params{7}), 50,
+                           3);
+  check_equivalence<dms::bfloat16>(step_config(2, 2, 8, 4, 256),
+                                   dms::h2o_policy(dms::h2o_params{9, 4}), 50, 4);
 }
 
 TEST_CASE("batched step == paged_cache: StreamingLLM, Quest, SnapKV", "[step]") {
-  check_equivalence<dms::half>(config(2, 2, 8, 4, 256),
+  check_equivalence<dms::half>(step_config(2, 2, 8, 4, 256),
                                dms::streaming_llm_policy(dms::streaming_params{2, 5}), 50, 5);
-  check_equivalence<float>(config(2, 2, 8, 4, 256), dms::quest_policy(dms::quest_params{8, 2, 2}),
-                           40, 6);
-  check_equivalence<float>(config(1, 2, 8, 4, 128), dms::snapkv_policy{}, 30, 7);
+  check_equivalence<float>(step_config(2, 2, 8, 4, 256),
+                           dms::quest_policy(dms::quest_params{8, 2, 2}), 40, 6);
+  check_equivalence<float>(step_config(1, 2, 8, 4, 128), dms::snapkv_policy{}, 30, 7);
 }
 
 TEST_CASE("batched step: a step that cannot complete changes nothing, and the status sticks",
           "[step][errors]") {
   // 2 KV heads, pages of 2 slots, 5 pages: three sequences need 6 pages for their first token.
-  const auto cfg = config(2, 1, 4, 2, 5);
+  const auto cfg = step_config(2, 1, 4, 2, 5);
   dms::paged_cache<float, dms::dense_policy> host(cfg);
   for (int s = 0; s < 3; ++s) host.add_sequence();
   auto img = host.to_image();
@@ -180,7 +172,7 @@ TEST_CASE("batched step: a step that cannot complete changes nothing, and the st
 }
 
 TEST_CASE("cache images: holes are threaded through positions and round-trip", "[step]") {
-  const auto cfg = config(1, 1, 4, 4, 16);
+  const auto cfg = step_config(1, 1, 4, 4, 16);
   dms::paged_cache<float, dms::dense_policy> host(cfg);
   const int seq = host.add_sequence();
   std::vector<float> kv(4, 0.5f);

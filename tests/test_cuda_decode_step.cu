@@ -26,23 +26,14 @@
 #include "dms/cuda/device_cache.cuh"
 #include "dms/dms.hpp"
 #include "support/image_compare.hpp"
+#include "support/step_config.hpp"
 
 namespace {
 
 using dms::cuda::check;
 using dms::cuda::device_buffer;
 
-dms::cache_config config(int kv_heads, int group, int head_dim, int page_size, int max_pages) {
-  dms::cache_config c;
-  c.num_kv_heads = kv_heads;
-  c.group_size = group;
-  c.head_dim = head_dim;
-  c.page_size = page_size;
-  c.max_pages = max_pages;
-  c.max_sequences = 6;
-  c.max_row_slots = 4096;
-  return c;
-}
+using dms_test::step_config;
 
 template <class T>
 device_buffer<T> to_device(const std::vector<T>& h) {
@@ -200,22 +191,23 @@ void check_decode(const dms::cache_config& cfg, P policy, int prompt, int steps,
 }  // namespace
 
 TEST_CASE("gpu bookkeeping == serial step: every policy", "[gpu][step]") {
-  check_bookkeeping<dms::bfloat16>(config(2, 2, 64, 4, 256), dms::dense_policy{}, 20, 1);
+  check_bookkeeping<dms::bfloat16>(step_config(2, 2, 64, 4, 256), dms::dense_policy{}, 20, 1);
   for (const int w : {0, 3, 16})
-    check_bookkeeping<dms::half>(config(3, 2, 64, 4, 512), dms::dms_policy(dms::dms_params{w}), 40,
-                                 unsigned(2 + w));
-  check_bookkeeping<float>(config(2, 4, 64, 4, 256), dms::tova_policy(dms::tova_params{7}), 30, 3);
-  check_bookkeeping<dms::bfloat16>(config(2, 2, 64, 4, 256), dms::h2o_policy(dms::h2o_params{9, 4}),
-                                   30, 4);
-  check_bookkeeping<dms::half>(config(2, 2, 64, 4, 256),
+    check_bookkeeping<dms::half>(step_config(3, 2, 64, 4, 512), dms::dms_policy(dms::dms_params{w}),
+                                 40, unsigned(2 + w));
+  check_bookkeeping<float>(step_config(2, 4, 64, 4, 256), dms::tova_policy(dms::tova_params{7}), 30,
+                           3);
+  check_bookkeeping<dms::bfloat16>(step_config(2, 2, 64, 4, 256),
+                                   dms::h2o_policy(dms::h2o_params{9, 4}), 30, 4);
+  check_bookkeeping<dms::half>(step_config(2, 2, 64, 4, 256),
                                dms::streaming_llm_policy(dms::streaming_params{2, 5}), 30, 5);
-  check_bookkeeping<float>(config(2, 2, 64, 4, 256), dms::quest_policy(dms::quest_params{8, 2, 2}),
-                           30, 6);
+  check_bookkeeping<float>(step_config(2, 2, 64, 4, 256),
+                           dms::quest_policy(dms::quest_params{8, 2, 2}), 30, 6);
 }
 
 TEST_CASE("gpu bookkeeping: capacity errors are reported, change nothing, and stick",
           "[gpu][step][errors]") {
-  const auto cfg = config(2, 1, 64, 2, 5);  // 3 sequences x 2 heads need 6 pages; 5 exist
+  const auto cfg = step_config(2, 1, 64, 2, 5);  // 3 sequences x 2 heads need 6 pages; 5 exist
   dms::paged_cache<float, dms::dense_policy> host(cfg);
   for (int s = 0; s < 3; ++s) host.add_sequence();
   dms::cuda::device_cache<float, dms::dense_policy> dev(host);
@@ -251,7 +243,7 @@ TEST_CASE("gpu bookkeeping: capacity errors are reported, change nothing, and st
 }
 
 TEST_CASE("gpu decode steps == CPU reference: every policy, step by step", "[gpu][decode]") {
-  const auto cfg = config(2, 4, 64, 16, 512);
+  const auto cfg = step_config(2, 4, 64, 16, 512);
   check_decode<dms::bfloat16>(cfg, dms::dense_policy{}, 40, 24, 11);
   check_decode<dms::bfloat16>(cfg, dms::dms_policy(dms::dms_params{8}), 40, 40, 12);
   check_decode<dms::half>(cfg, dms::tova_policy(dms::tova_params{24}), 40, 30, 13);
@@ -262,7 +254,7 @@ TEST_CASE("gpu decode steps == CPU reference: every policy, step by step", "[gpu
 }
 
 TEST_CASE("gpu decode step captured in a CUDA graph replays exactly", "[gpu][graph]") {
-  const auto cfg = config(2, 4, 128, 16, 1024);
+  const auto cfg = step_config(2, 4, 128, 16, 1024);
   using policy = dms::dms_policy;
   const policy pol(dms::dms_params{8});
   std::mt19937 rng(21);

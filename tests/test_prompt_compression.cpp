@@ -16,20 +16,11 @@
 
 #include "dms/dms.hpp"
 #include "support/image_compare.hpp"
+#include "support/step_config.hpp"
 
 namespace {
 
-dms::cache_config config(int kv_heads, int group, int head_dim, int page_size, int max_pages) {
-  dms::cache_config c;
-  c.num_kv_heads = kv_heads;
-  c.group_size = group;
-  c.head_dim = head_dim;
-  c.page_size = page_size;
-  c.max_pages = max_pages;
-  c.max_sequences = 6;
-  c.max_row_slots = 4096;
-  return c;
-}
+using dms_test::step_config;
 
 enum class score_kind { random, ties, zeros };
 
@@ -313,27 +304,29 @@ TEST_CASE("prompt compression == finish_prompt: TOVA", "[step][prompt][tova]") {
   const int budget = 6;
   const auto live = [&](int len) { return std::min(len, budget); };
   const std::vector<int> lengths{0, 1, 4, 8, 13, 16};
-  check_prompts_all_scores<float>(config(2, 2, 4, 4, 256), dms::tova_policy(dms::tova_params{6}),
-                                  lengths, 100, live);
+  check_prompts_all_scores<float>(step_config(2, 2, 4, 4, 256),
+                                  dms::tova_policy(dms::tova_params{6}), lengths, 100, live);
   check_prompts_all_scores<dms::bfloat16>(
-      config(2, 2, 4, 4, 256), dms::tova_policy(dms::tova_params{6}), lengths, 110, live);
+      step_config(2, 2, 4, 4, 256), dms::tova_policy(dms::tova_params{6}), lengths, 110, live);
   // Pages of 16: prompts of 0, 5 (under budget), 16, 32, 37 tokens, budget 20.
   check_prompts_all_scores<dms::bfloat16>(
-      config(1, 2, 4, 16, 128), dms::tova_policy(dms::tova_params{20}), {0, 5, 16, 32, 37}, 120,
-      [](int len) { return std::min(len, 20); });
+      step_config(1, 2, 4, 16, 128), dms::tova_policy(dms::tova_params{20}), {0, 5, 16, 32, 37},
+      120, [](int len) { return std::min(len, 20); });
 }
 
 TEST_CASE("prompt compression == finish_prompt: H2O", "[step][prompt][h2o]") {
   const std::vector<int> lengths{0, 1, 7, 8, 12, 19};
-  check_prompts_all_scores<float>(config(2, 2, 4, 4, 256), dms::h2o_policy(dms::h2o_params{7, 3}),
-                                  lengths, 200, [](int len) { return std::min(len, 7); });
-  check_prompts_all_scores<dms::bfloat16>(config(3, 1, 4, 4, 256),
+  check_prompts_all_scores<float>(step_config(2, 2, 4, 4, 256),
+                                  dms::h2o_policy(dms::h2o_params{7, 3}), lengths, 200,
+                                  [](int len) { return std::min(len, 7); });
+  check_prompts_all_scores<dms::bfloat16>(step_config(3, 1, 4, 4, 256),
                                           dms::h2o_policy(dms::h2o_params{5, 0}), lengths, 210,
                                           [](int len) { return std::min(len, 5); });
   // budget == recent: only the newest survive.
-  check_prompts_all_scores<float>(config(1, 2, 4, 4, 256), dms::h2o_policy(dms::h2o_params{4, 4}),
-                                  lengths, 220, [](int len) { return std::min(len, 4); });
-  check_prompts_all_scores<dms::bfloat16>(config(2, 2, 4, 16, 128),
+  check_prompts_all_scores<float>(step_config(1, 2, 4, 4, 256),
+                                  dms::h2o_policy(dms::h2o_params{4, 4}), lengths, 220,
+                                  [](int len) { return std::min(len, 4); });
+  check_prompts_all_scores<dms::bfloat16>(step_config(2, 2, 4, 16, 128),
                                           dms::h2o_policy(dms::h2o_params{18, 5}), {0, 16, 33, 48},
                                           230, [](int len) { return std::min(len, 18); });
 }
@@ -356,14 +349,14 @@ TEST_CASE("prompt compression == finish_prompt: SnapKV, max and avg pooling",
     INFO("capacity " << x.capacity << ", window " << x.window << ", kernel " << x.kernel
                      << (x.pooling == dms::snapkv_pooling::max ? ", max" : ", avg"));
     const dms::snapkv_policy policy(dms::snapkv_params{x.capacity, x.window, x.kernel, x.pooling});
-    check_prompts_all_scores<float>(config(2, 2, 4, 4, 256), policy, lengths, seed,
+    check_prompts_all_scores<float>(step_config(2, 2, 4, 4, 256), policy, lengths, seed,
                                     live(x.capacity));
-    check_prompts_all_scores<dms::bfloat16>(config(2, 1, 4, 4, 256), policy, lengths, seed + 10,
-                                            live(x.capacity));
+    check_prompts_all_scores<dms::bfloat16>(step_config(2, 1, 4, 4, 256), policy, lengths,
+                                            seed + 10, live(x.capacity));
     seed += 20;
   }
   const dms::snapkv_policy wide(dms::snapkv_params{20, 4, 7, dms::snapkv_pooling::avg});
-  check_prompts_all_scores<float>(config(1, 2, 4, 16, 128), wide, {0, 16, 20, 33, 48}, 400,
+  check_prompts_all_scores<float>(step_config(1, 2, 4, 16, 128), wide, {0, 16, 20, 33, 48}, 400,
                                   live(20));
 }
 
@@ -377,15 +370,15 @@ TEST_CASE("prompt compression == finish_prompt: StreamingLLM", "[step][prompt][s
     INFO("sinks " << x.sinks << ", recent " << x.recent);
     const dms::streaming_llm_policy policy(dms::streaming_params{x.sinks, x.recent});
     const auto live = [x](int len) { return std::min(len, x.sinks + x.recent); };
-    check_prompts<float>(config(2, 2, 4, 4, 256), policy,
+    check_prompts<float>(step_config(2, 2, 4, 4, 256), policy,
                          std::vector<int>(lengths.begin(), lengths.begin() + 4), score_kind::random,
                          seed, live);
-    check_prompts<dms::bfloat16>(config(2, 1, 4, 4, 256), policy,
+    check_prompts<dms::bfloat16>(step_config(2, 1, 4, 4, 256), policy,
                                  std::vector<int>(lengths.begin() + 3, lengths.end()),
                                  score_kind::random, seed + 1, live);
     seed += 10;
   }
-  check_prompts<float>(config(1, 1, 4, 16, 128),
+  check_prompts<float>(step_config(1, 1, 4, 16, 128),
                        dms::streaming_llm_policy(dms::streaming_params{4, 12}), {0, 16, 17, 40},
                        score_kind::random, 550, [](int len) { return std::min(len, 16); });
 }
@@ -393,24 +386,25 @@ TEST_CASE("prompt compression == finish_prompt: StreamingLLM", "[step][prompt][s
 TEST_CASE("prompt compression == finish_prompt: a second prompt over rows with holes",
           "[step][prompt]") {
   // Second-turn counts: none, fewer than the holes, more than the holes.
-  check_multi_turn<float>(config(2, 2, 4, 4, 256), dms::tova_policy(dms::tova_params{6}),
+  check_multi_turn<float>(step_config(2, 2, 4, 4, 256), dms::tova_policy(dms::tova_params{6}),
                           {3, 9, 14, 8}, {0, 1, 6, 12}, 3, 600);
-  check_multi_turn<dms::bfloat16>(config(2, 2, 4, 4, 256), dms::h2o_policy(dms::h2o_params{7, 2}),
-                                  {5, 10, 15, 8}, {2, 0, 1, 9}, 3, 610);
-  check_multi_turn<float>(config(2, 1, 4, 4, 256), dms::h2o_policy(dms::h2o_params{5, 0}),
+  check_multi_turn<dms::bfloat16>(step_config(2, 2, 4, 4, 256),
+                                  dms::h2o_policy(dms::h2o_params{7, 2}), {5, 10, 15, 8},
+                                  {2, 0, 1, 9}, 3, 610);
+  check_multi_turn<float>(step_config(2, 1, 4, 4, 256), dms::h2o_policy(dms::h2o_params{5, 0}),
                           {1, 10, 6}, {1, 3, 9}, 2, 620);
   // SnapKV: rows within capacity keep their holes (left untouched), the others compress.
   check_multi_turn<dms::bfloat16>(
-      config(2, 2, 4, 4, 256),
+      step_config(2, 2, 4, 4, 256),
       dms::snapkv_policy(dms::snapkv_params{12, 3, 5, dms::snapkv_pooling::max}), {4, 10, 15, 2},
       {1, 3, 9, 0}, 3, 630);
-  check_multi_turn<float>(config(1, 2, 4, 4, 256),
+  check_multi_turn<float>(step_config(1, 2, 4, 4, 256),
                           dms::snapkv_policy(dms::snapkv_params{9, 2, 3, dms::snapkv_pooling::avg}),
                           {6, 12, 3}, {2, 4, 1}, 2, 640);
   // StreamingLLM: the ring after the second compaction must match (decode then follows it).
   for (const int sinks : {0, 2, 4}) {
     INFO("sinks " << sinks);
-    check_multi_turn<dms::bfloat16>(config(2, 2, 4, 4, 256),
+    check_multi_turn<dms::bfloat16>(step_config(2, 2, 4, 4, 256),
                                     dms::streaming_llm_policy(dms::streaming_params{sinks, 5}),
                                     {3, 11, 17, 6}, {0, 4, 9, 13}, 0, unsigned(650 + sinks));
   }
@@ -419,28 +413,28 @@ TEST_CASE("prompt compression == finish_prompt: a second prompt over rows with h
 TEST_CASE("prompt compression == finish_prompt: after a deferred, batched reference prefill",
           "[step][prompt]") {
   const std::vector<int> lengths{0, 5, 12, 16, 23};
-  check_prefill<float>(config(2, 2, 8, 4, 512), dms::h2o_policy(dms::h2o_params{7, 2}), lengths, 5,
-                       700);
-  check_prefill<dms::bfloat16>(config(2, 2, 8, 4, 512), dms::h2o_policy(dms::h2o_params{6, 0}),
+  check_prefill<float>(step_config(2, 2, 8, 4, 512), dms::h2o_policy(dms::h2o_params{7, 2}),
+                       lengths, 5, 700);
+  check_prefill<dms::bfloat16>(step_config(2, 2, 8, 4, 512), dms::h2o_policy(dms::h2o_params{6, 0}),
                                lengths, 4, 701);
-  check_prefill<float>(config(2, 2, 8, 4, 512), dms::tova_policy(dms::tova_params{6}), lengths, 3,
-                       710);
-  check_prefill<dms::bfloat16>(config(1, 4, 8, 16, 128), dms::tova_policy(dms::tova_params{9}),
+  check_prefill<float>(step_config(2, 2, 8, 4, 512), dms::tova_policy(dms::tova_params{6}), lengths,
+                       3, 710);
+  check_prefill<dms::bfloat16>(step_config(1, 4, 8, 16, 128), dms::tova_policy(dms::tova_params{9}),
                                lengths, 7, 711);
-  check_prefill<float>(config(2, 2, 8, 4, 512),
+  check_prefill<float>(step_config(2, 2, 8, 4, 512),
                        dms::snapkv_policy(dms::snapkv_params{8, 3, 5, dms::snapkv_pooling::max}),
                        lengths, 5, 720);
   check_prefill<dms::bfloat16>(
-      config(2, 2, 8, 4, 512),
+      step_config(2, 2, 8, 4, 512),
       dms::snapkv_policy(dms::snapkv_params{10, 4, 7, dms::snapkv_pooling::avg}), lengths, 6, 721);
-  check_prefill<float>(config(2, 2, 8, 4, 512),
+  check_prefill<float>(step_config(2, 2, 8, 4, 512),
                        dms::streaming_llm_policy(dms::streaming_params{2, 4}), lengths, 4, 730);
 }
 
 TEST_CASE("prompt compression: bad batches change nothing, and a set status sticks",
           "[step][prompt][errors]") {
   std::mt19937 rng(800);
-  const auto cfg = config(2, 2, 4, 4, 256);
+  const auto cfg = step_config(2, 2, 4, 4, 256);
   dms::paged_cache<float, dms::tova_policy> host(cfg, dms::tova_policy(dms::tova_params{3}));
   const auto dp = host.policy().device_form();
   std::vector<std::int32_t> seqs;
@@ -512,12 +506,12 @@ TEST_CASE("prompt compression: policies that do not reduce prompts change nothin
     for (const std::int32_t seq : batch) host.finish_prompt(seq);
     CHECK(dms_test::first_difference(host.to_image(), img) == "");
   };
-  dms::paged_cache<float, dms::dense_policy> dense(config(2, 2, 4, 4, 256));
+  dms::paged_cache<float, dms::dense_policy> dense(step_config(2, 2, 4, 4, 256));
   check(dense, false);
-  dms::paged_cache<dms::bfloat16, dms::dms_policy> dms_cache(config(2, 2, 4, 4, 256),
+  dms::paged_cache<dms::bfloat16, dms::dms_policy> dms_cache(step_config(2, 2, 4, 4, 256),
                                                              dms::dms_policy(dms::dms_params{2}));
   check(dms_cache, true);
-  dms::paged_cache<float, dms::quest_policy> quest(config(2, 2, 4, 4, 256),
+  dms::paged_cache<float, dms::quest_policy> quest(step_config(2, 2, 4, 4, 256),
                                                    dms::quest_policy(dms::quest_params{8, 2, 2}));
   check(quest, false);
 }

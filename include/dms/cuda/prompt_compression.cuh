@@ -32,6 +32,7 @@
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "dms/config.hpp"
+#include "dms/cuda/bookkeeping.cuh"
 #include "dms/cuda/check.cuh"
 #include "dms/cuda/device_cache.cuh"
 #include "dms/policy/device_policy.hpp"
@@ -49,10 +50,6 @@ struct prompt_compression_tuning {
 
 namespace detail {
 
-inline std::size_t compression_align(std::size_t n) {
-  return (n + 255) / 256 * 256;
-}
-
 // Temporary storage: two (key, slot) buffers (the sort's input and output) in which row r owns
 // the segment [offset[r], offset[r] + row length), the sort's segment bounds, and per row its
 // eviction count and the pages it frees (-1: row left as it is).
@@ -69,17 +66,16 @@ struct compression_temp {
 
   static std::size_t bytes(int rows, int items, std::size_t sort_bytes) {
     const auto cells = std::size_t(items);
-    return 2 * compression_align(sizeof(std::uint64_t) * cells) +
-           2 * compression_align(sizeof(std::int32_t) * cells) +
-           5 * compression_align(sizeof(std::int32_t) * std::size_t(rows)) +
-           compression_align(sort_bytes);
+    return 2 * align_up(sizeof(std::uint64_t) * cells) +
+           2 * align_up(sizeof(std::int32_t) * cells) +
+           5 * align_up(sizeof(std::int32_t) * std::size_t(rows)) + align_up(sort_bytes);
   }
   static compression_temp carve(void* d_temp, int rows, int items, std::size_t sort_bytes) {
     auto* p = static_cast<unsigned char*>(d_temp);
     const auto cells = std::size_t(items);
     const auto take = [&p](std::size_t n) {
       auto* out = p;
-      p += compression_align(n);
+      p += align_up(n);
       return out;
     };
     compression_temp t{};
