@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// dms_demo: the library's main job on the CPU. One synthetic, seeded decode workload runs
+// dms_synthetic: the policies on synthetic K/V. One synthetic, seeded decode workload runs
 // through every policy (dense, DMS, TOVA, H2O, Quest, StreamingLLM, SnapKV) at the same target
 // compression ratio, and the program prints one comparison table.
 //
-//   dms_demo [--ratio N] [--steps N] [--seed N]
+//   dms_synthetic [--ratio N] [--steps N] [--seed N]
 //
 // Built with CUDA (nvcc compiles this file; see examples/CMakeLists.txt) and run on a machine
 // with a GPU, it then runs every policy's decode steps again on the device with
@@ -333,7 +333,7 @@ double relative_error(const std::vector<float>& out, const std::vector<float>& d
   return n ? sum / double(n) : 0.0;
 }
 
-// ---- the GPU backend (compiled when the demo is built by nvcc) ----------------------------
+// ---- the GPU backend (compiled when this file is built by nvcc) ----------------------------
 
 /// What the GPU run of a policy shows: the same decode steps on dms::cuda, checked against the
 /// CPU run of the same policy.
@@ -620,7 +620,7 @@ int main(int argc, char** argv) {
     print_table(w, opt, results);
     if (gpu) print_gpu_table(results, gpu_results);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dms_demo: %s\n", e.what());
+    std::fprintf(stderr, "dms_synthetic: %s\n", e.what());
     return 1;
   }
   return 0;
