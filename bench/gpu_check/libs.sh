@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # SPDX-License-Identifier: Apache-2.0
 # Sourced by pack.sh and run.sh (the pack holds a copy): which shared libraries a GPU machine is
 # assumed to have. The C/C++ runtime is on every Linux machine (a newer one runs these binaries;
