@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     cache_type cache(cfg, dms::dms_policy(dms::dms_params{256}));
     std::vector<std::int32_t> ids;
     for (int s = 0; s < B; ++s) ids.push_back(cache.add_sequence());
-    dms::cuda::decoder<dms::bfloat16, dms::dms_policy> decoder(cache);
+    dms::cuda::decoder<dms::bfloat16, dms::dms_policy> decoder(cache, B);  // storage for B up front
 
     // Inputs for all steps at once, so the loop below issues kernels only. About 7 of 8 tokens
     // are flagged for eviction: the ~8x compression of the released DMS checkpoints.

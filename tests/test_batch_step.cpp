@@ -203,3 +203,68 @@ TEST_CASE("cache images: holes are threaded through positions and round-trip", "
   dms::paged_cache<float, dms::dense_policy> wrong(other);
   CHECK_THROWS_WITH(wrong.load_image(img), Catch::Contains("cache_config differs"));
 }
+
+TEST_CASE("batched step: of duplicate ids the first entry counts, whatever order they are noted in",
+          "[step][errors]") {
+  // 2 KV heads, 6 sequence slots of which 0..3 are active; 4 is inactive, -1, 6 and 9 are out of
+  // range. Pages are plentiful, so the only errors are bad and duplicate ids.
+  const auto cfg = step_config(2, 1, 4, 4, 256);
+  dms::paged_cache<float, dms::dense_policy> host(cfg);
+  for (int s = 0; s < 4; ++s) host.add_sequence();
+  const auto dp = dms::dense_policy{}.device_form();
+  const std::vector<std::int32_t> pool{0, 1, 2, 3, 0, 1, 4, -1, 6, 9};
+  std::mt19937 rng(31);
+  std::vector<float> kv(64 * 2 * 4, 0.25f);
+
+  for (int trial = 0; trial < 400; ++trial) {
+    const int B = 1 + int(rng() % 12);
+    std::vector<std::int32_t> batch(static_cast<std::size_t>(B));
+    for (auto& s : batch) s = pool[rng() % pool.size()];
+    INFO("trial " << trial << ", batch of " << B);
+
+    // The definition: entry b is bad if its id is not active, a duplicate if an earlier entry
+    // holds the same (active) id; the step fails with the first such entry's error.
+    std::vector<dms::step_status> expect_entry(static_cast<std::size_t>(B), dms::step_status::ok);
+    dms::step_status expect = dms::step_status::ok;
+    for (int b = 0; b < B; ++b) {
+      const bool valid = batch[b] >= 0 && batch[b] < 4;
+      bool repeat = false;
+      for (int e = 0; e < b; ++e) repeat = repeat || batch[e] == batch[b];
+      expect_entry[b] = !valid   ? dms::step_status::bad_sequence
+                        : repeat ? dms::step_status::duplicate_sequence
+                                 : dms::step_status::ok;
+      if (expect == dms::step_status::ok) expect = expect_entry[b];
+    }
+
+    // The shared helpers, with the first entries noted in a random order (as the kernel's
+    // atomicMin may land them) give exactly those verdicts.
+    auto img = host.to_image();
+    const auto st = img.state();
+    std::vector<int> order(static_cast<std::size_t>(B));
+    for (int b = 0; b < B; ++b) order[b] = b;
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<std::int32_t> first(static_cast<std::size_t>(cfg.max_sequences),
+                                    dms::step::no_entry);
+    for (const int b : order)
+      dms::step::note_entry(first.data(), st.active, cfg.max_sequences, batch[b], b);
+    for (int i = 0; i < B * cfg.num_kv_heads; ++i) {
+      const int b = i / cfg.num_kv_heads, h = i % cfg.num_kv_heads;
+      auto plan = dms::step::plan_append(st, dp, batch[b], h, 0.0f, false);
+      dms::step::flag_duplicate(plan, first.data(), batch[b], b, h);
+      CHECK(plan.error == (h == 0 ? expect_entry[b]
+                           : expect_entry[b] == dms::step_status::bad_sequence
+                               ? dms::step_status::bad_sequence
+                               : dms::step_status::ok));
+    }
+
+    // The serial driver records the first entry's error and changes nothing else.
+    const auto before = img;
+    CHECK(dms::step::append_batch(st, dp, std::span<const std::int32_t>(batch), kv.data(),
+                                  kv.data(), nullptr, false) == expect);
+    if (expect != dms::step_status::ok) {
+      CHECK(img.status == int(expect));
+      img.status = 0;
+      CHECK(dms_test::first_difference(before, img) == "");
+    }
+  }
+}

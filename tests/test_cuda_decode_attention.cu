@@ -307,13 +307,14 @@ std::vector<std::int32_t> build_mixed_batch(dms::paged_cache<T, P>& host, std::m
 }
 
 template <class T, class Q>
-void check_mixed(int head_dim, int group_size, unsigned seed, int page_size = 16) {
+void check_mixed(int head_dim, int group_size, unsigned seed, int page_size = 16,
+                 int long_length = 5000) {
   INFO("T = " << dms::dtype_name(dms::dtype_of<T>) << ", Q = " << dms::dtype_name(dms::dtype_of<Q>)
               << ", head_dim " << head_dim << ", group_size " << group_size << ", page_size "
               << page_size);
   std::mt19937 rng(seed);
   dms::paged_cache<T> host(make_config(2, group_size, head_dim, page_size));
-  const auto seqs = build_mixed_batch(host, rng);
+  const auto seqs = build_mixed_batch(host, rng, long_length);
   const dms::cuda::device_cache<T, dms::dense_policy> dev(host);
   const auto q = random_queries<Q>(rng, host.config(), int(seqs.size()));
   const auto got = device_batch<T, Q>(dev, seqs, q);
@@ -557,6 +558,23 @@ TEST_CASE("decode_attention: captured in a CUDA graph", "[gpu][decode_attention]
   check(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
   check(cudaGraphDestroy(graph), "cudaGraphDestroy");
   check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+}
+
+// The subset bench/gpu_check/run.sh runs under compute-sanitizer (memcheck, racecheck, synccheck,
+// initcheck): every kernel of decode_attention (plan, attend, merge, fold) at small shapes, over
+// the three storage types, the three head dims and head tiles of 1, 2, 4 and 8 heads.
+TEST_CASE("decode_attention: small shapes for the sanitizers",
+          "[gpu][decode_attention][sanitize]") {
+  check_mixed<dms::bfloat16, dms::bfloat16>(128, 4, 301, 16, 700);
+  check_mixed<dms::half, float>(64, 8, 302, 16, 700);  // two head tiles of 4
+  check_mixed<float, float>(256, 2, 303, 16, 700);
+  check_mixed<float, float>(128, 16, 304, 16, 300);                 // two head tiles of 8
+  check_mixed<dms::bfloat16, dms::bfloat16>(128, 3, 305, 12, 300);  // padded heads, odd pages
+  check_fold<dms::bfloat16, dms::bfloat16>(dms::h2o_policy({.budget = 400, .recent = 32}),
+                                           dms::score_update::add, 128, 4, 306);
+  check_fold<dms::half, float>(dms::tova_policy({.budget = 400}), dms::score_update::assign, 64, 8,
+                               307);
+  check_quest<dms::half, dms::half>(64, 308);
 }
 
 TEST_CASE("decode_attention: invalid arguments are rejected", "[gpu][decode_attention]") {

@@ -440,7 +440,8 @@ TEST_CASE("GPU prefill == reference: Quest keeps its page key bounds", "[gpu][pr
   }
 }
 
-TEST_CASE("GPU prefill: a chunk that cannot get its pages changes nothing", "[gpu][prefill]") {
+TEST_CASE("GPU prefill: a chunk that cannot get its pages changes nothing",
+          "[gpu][prefill][sanitize]") {
   dms::cache_config cfg;
   cfg.num_kv_heads = 2;
   cfg.group_size = 2;
@@ -595,6 +596,34 @@ void check_finish_prompts(P policy, unsigned seed) {
 }
 
 }  // namespace
+
+// The subset bench/gpu_check/run.sh runs under compute-sanitizer: every prefill kernel once at
+// small shapes (chunk plan/check/commit, tensor-core and SIMT attention over several key tiles,
+// Quest bounds, the prompt scores of TOVA, H2O and SnapKV, finish_prompts, a failed chunk).
+TEST_CASE("GPU prefill: small shapes for the sanitizers", "[gpu][prefill][sanitize]") {
+  prefill_case c;
+  c.second_prompt = 9;
+  check_prefill<dms::bfloat16>(c, dms::dms_policy{{.window = 4}});
+  c.lengths = {300, 251};
+  c.chunk = 128;
+  check_prefill<dms::bfloat16>(c, dms::dms_policy{{.window = 16}});
+  prefill_case simt;
+  simt.head_dim = 64;
+  simt.second_prompt = 4;
+  check_prefill<float>(simt, dms::dms_policy{{.window = 4}});
+  simt.tensor_cores = false;
+  check_prefill<dms::half>(simt, dms::dense_policy{});
+  prefill_case q;
+  q.page_size = 8;
+  check_prefill<dms::bfloat16>(q, dms::quest_policy{});
+  prefill_case f;
+  f.decode_steps = 1;
+  check_prefill<dms::bfloat16>(f, dms::tova_policy{{.budget = 20}});
+  check_prefill<dms::half>(f, dms::h2o_policy{{.budget = 24, .recent = 8}});
+  check_prefill<dms::bfloat16>(f, dms::snapkv_policy{{.capacity = 24, .window = 6}});
+  check_prefill<dms::bfloat16>(f, dms::streaming_llm_policy{{.sinks = 2, .recent = 10}});
+  check_finish_prompts(dms::h2o_policy{{.budget = 10, .recent = 3}}, 1);
+}
 
 TEST_CASE("GPU finish_prompts == paged_cache::finish_prompt, ties included",
           "[gpu][prefill][compression]") {

@@ -237,6 +237,17 @@ TEST_CASE("cuda::select_pages equals the CPU for unusual shapes", "[gpu][quest]"
                                  lengths_around(token_budget / s.P, s.P, {600, 1200}), kind, 15);
 }
 
+// The subset bench/gpu_check/run.sh runs under compute-sanitizer: the select kernels at small
+// shapes, rows past the shared-memory key cache, and q in head chunks (G * head_dim too large).
+TEST_CASE("cuda::select_pages: small shapes for the sanitizers", "[gpu][quest][sanitize]") {
+  run_case<dms::half, dms::half>(2, 4, 128, 16, 64, lengths_around(4, 16, {600}), keys_kind::random,
+                                 31);
+  run_case<float, dms::bfloat16>(1, 1, 128, 4, 16, lengths_around(4, 4, {16385}), keys_kind::random,
+                                 32);
+  run_case<dms::half, dms::half>(2, 8, 1024, 16, 64, lengths_around(4, 16, {300}),
+                                 keys_kind::three_values, 33);
+}
+
 TEST_CASE("cuda::select_pages reads every page of a dense layer or an unreachable budget",
           "[gpu][quest]") {
   const int P = 16;

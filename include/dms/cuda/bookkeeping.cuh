@@ -45,13 +45,13 @@ inline std::size_t align_up(std::size_t n) {
 }
 
 // Temporary storage of append: per batch row, its plan, its rank among the rows that open a
-// page, and where its token went; per sequence id, a use count (duplicate detection); one flag
-// that tells the write kernel whether the step committed.
+// page, and where its token went; per sequence id, its first batch index (duplicate detection,
+// step::flag_duplicate); one flag that tells the write kernel whether the step committed.
 struct append_temp {
   step::row_plan* plans;
   std::int32_t* ranks;
   step::row_slot* slots;
-  std::int32_t* seq_uses;
+  std::int32_t* first_entry;
   std::int32_t* committed;
 
   static std::size_t bytes(int rows, int max_sequences) {
@@ -68,7 +68,7 @@ struct append_temp {
     p += align_up(sizeof(std::int32_t) * rows);
     t.slots = reinterpret_cast<step::row_slot*>(p);
     p += align_up(sizeof(step::row_slot) * rows);
-    t.seq_uses = reinterpret_cast<std::int32_t*>(p);
+    t.first_entry = reinterpret_cast<std::int32_t*>(p);
     p += align_up(sizeof(std::int32_t) * max_sequences);
     t.committed = reinterpret_cast<std::int32_t*>(p);
     return t;
@@ -97,9 +97,17 @@ __global__ void __launch_bounds__(Threads)
     skip = *st.status != 0;
     *tmp.committed = 0;
   }
-  for (int s = threadIdx.x; s < st.max_sequences; s += Threads) tmp.seq_uses[s] = 0;
+  for (int s = threadIdx.x; s < st.max_sequences; s += Threads) tmp.first_entry[s] = step::no_entry;
   __syncthreads();
   if (skip) return;
+
+  // The first batch index of every id: a minimum, so the same whatever order the atomics land in,
+  // and the duplicates flagged below are exactly the serial driver's.
+  for (int b = threadIdx.x; b < batch; b += Threads) {
+    const int seq = seq_ids[b];
+    if (step::valid_sequence(st.active, st.max_sequences, seq)) atomicMin(&tmp.first_entry[seq], b);
+  }
+  __syncthreads();
 
   // Plan.
   for (int base = 0; base < rows; base += Threads) {
@@ -109,8 +117,7 @@ __global__ void __launch_bounds__(Threads)
       const int seq = seq_ids[i / H];
       const float logit = decision_logits ? decision_logits[i] : 0.0f;
       plan = step::plan_append(st, policy, seq, i % H, logit, in_prompt);
-      if (i % H == 0 && plan.error == step_status::ok && atomicAdd(&tmp.seq_uses[seq], 1) != 0)
-        plan.error = step_status::duplicate_sequence;
+      step::flag_duplicate(plan, tmp.first_entry, seq, i / H, i % H);
       if (plan.error != step_status::ok) atomicMin(&first_error_row, i);
     }
     int rank = 0, total = 0;

@@ -96,6 +96,12 @@ struct decode_options {
   /// SMs to size the grid and the splits for; 0 = ask the current device (cudaDeviceGetAttribute,
   /// which is allowed during stream capture).
   int num_sms = 0;
+  /// Optional [1]: a step status word (cache_state::status), read on the device when the call
+  /// runs. Nonzero means the step this attention belongs to did not happen (its append failed, or
+  /// an earlier step did): then every row reads nothing, so out = 0 and lse = -inf, no score is
+  /// folded and kv_reads is unchanged, instead of attending over a cache without the step's
+  /// token. decode_step passes the cache's status word here.
+  const std::int32_t* skip_if_failed = nullptr;
 };
 
 /// Launch shapes and split rule, as plain data.
@@ -243,6 +249,7 @@ inline temp_layout make_layout(int batch, int num_kv_heads, int group_size, int 
 
 struct plan_args {
   batch_layout layout;
+  const std::int32_t* status;  // [1] or null: nonzero = the step failed, plan no work
   int rows;
   int target_items;
   std::int32_t* offsets;  // [rows + 2]
@@ -261,8 +268,11 @@ __global__ void __launch_bounds__(Threads) plan_kernel(plan_args a) {
   __shared__ int carry;
 
   const int tid = int(threadIdx.x);
+  // A failed step plans no items: the merge then writes out = 0, lse = -inf for every row.
+  const bool failed = a.status != nullptr && *a.status != 0;
   long long mine = 0;
-  for (int i = tid; i < a.rows; i += Threads) mine += a.layout.domain(i);
+  if (!failed)
+    for (int i = tid; i < a.rows; i += Threads) mine += a.layout.domain(i);
   const long long sum = block_reduce(storage.reduce).Sum(mine);
   if (tid == 0) {
     total = sum;
@@ -279,7 +289,7 @@ __global__ void __launch_bounds__(Threads) plan_kernel(plan_args a) {
   for (int base = 0; base < a.rows; base += Threads) {
     const int i = base + tid;
     int items = 0;
-    if (i < a.rows) items = int((a.layout.domain(i) + chunk - 1) / chunk);
+    if (i < a.rows && !failed) items = int((a.layout.domain(i) + chunk - 1) / chunk);
     int first = 0, count = 0;
     block_scan(storage.scan).ExclusiveSum(items, first, count);
     if (i < a.rows) a.offsets[i] = carry + first;
@@ -812,7 +822,7 @@ template <class T, class Q>
 
   constexpr int plan_threads = decode_tuning::plan_threads;
   impl::plan_kernel<plan_threads><<<1, plan_threads, 0, stream>>>(
-      impl::plan_args{layout, t.rows, t.target_items, offsets, work});
+      impl::plan_args{layout, opt.skip_if_failed, t.rows, t.target_items, offsets, work});
   DMS_CUDA_TRY(cudaGetLastError());
 
   float scale = opt.softmax_scale > 0.0f ? opt.softmax_scale : 1.0f / std::sqrt(float(D));

@@ -11,6 +11,11 @@
 // Every stage is stream-ordered with no host synchronization and no device-to-host copy, so a
 // step can be captured in a CUDA graph and replayed. decode_step is the CUB-shaped entry point;
 // `decoder` owns the temporary storage for callers who prefer that.
+//
+// A step that cannot complete (pool exhausted, row full, bad or duplicate sequence id), and
+// every step after one that could not, leaves the cache as it was and records why in the cache's
+// sticky status word (device_cache::status / check_status); its attention then reads nothing,
+// so every row's output is defined: out = 0, lse = -inf, no score fold, no KV reads counted.
 
 #if !defined(__CUDACC__)
 #error \
@@ -30,6 +35,7 @@
 #include "dms/cuda/device_buffer.cuh"
 #include "dms/cuda/device_cache.cuh"
 #include "dms/cuda/quest_select.cuh"
+#include "dms/error.hpp"
 #include "dms/step/cache_state.hpp"
 
 DMS_NAMESPACE_BEGIN
@@ -48,8 +54,8 @@ struct decode_step_inputs {
 
 template <class Q>
 struct decode_step_outputs {
-  Q* out = nullptr;                  // [batch][num_query_heads][head_dim]
-  float* lse = nullptr;              // [batch][num_query_heads], optional
+  Q* out = nullptr;                  // [batch][num_query_heads][head_dim]; 0 if the step failed
+  float* lse = nullptr;              // [batch][num_query_heads], optional; -inf if it failed
   std::int64_t* kv_reads = nullptr;  // optional: += slots read (the paper's KV-read counter)
   float softmax_scale = 0.0f;        // 0 = 1 / sqrt(head_dim)
   int num_sms = 0;                   // 0 = ask the current device
@@ -103,6 +109,7 @@ template <class T, class DevicePolicy, class In, class Q>
   opt.score = DevicePolicy::decode_score == score_update::none ? nullptr : st.score;
   opt.page_stride = stride;
   opt.max_pages = st.max_pages;
+  opt.skip_if_failed = st.status;  // the append below may fail: attend only if it did not
   DMS_CUDA_TRY(decode_attention(nullptr, attention_bytes, view, in.seq_ids, in.batch, in.q, out.out,
                                 opt, stream));
   const std::size_t sizes[] = {append_bytes, select_bytes, pages_bytes, counts_bytes,
@@ -136,12 +143,48 @@ template <class T, class DevicePolicy, class In, class Q>
   return evict_after_attention(st, policy, in.seq_ids, in.batch, stream);
 }
 
-/// Convenience: a device cache plus the temporary storage of its steps, grown on demand.
-/// Throws dms::error on CUDA errors; device-side step errors stay in the cache's status.
+/// Convenience: a device cache plus the temporary storage of its steps.
+///
+/// The storage grows on demand in eager use, which needs a stream synchronize and a cudaMalloc:
+/// neither is allowed while the stream is being captured into a CUDA graph. So before capturing a
+/// step (the first one included), reserve() the storage for the largest batch the graph will
+/// run; a step under capture that would have to grow throws dms::error instead of breaking the
+/// capture. Throws dms::error on CUDA errors; device-side step errors stay in the cache's status.
 template <storage_type T, class Policy>
 class decoder {
  public:
   explicit decoder(device_cache<T, Policy>& cache) : cache_(&cache) {}
+  /// The same, with reserve(max_batch, num_sms) done.
+  decoder(device_cache<T, Policy>& cache, int max_batch, int num_sms = 0) : cache_(&cache) {
+    reserve(max_batch, num_sms);
+  }
+
+  /// Allocates now the temporary storage of a step of up to max_batch sequences (in [1,
+  /// cache_config::max_sequences]: a larger batch repeats an id and can only fail), for steps
+  /// whose decode_step_outputs::num_sms is num_sms (0 = the current device's). The size depends
+  /// on the batch, the cache's shapes, the policy and num_sms only, and grows with the batch, so
+  /// every smaller batch fits too. Waits for `stream` before replacing a smaller buffer.
+  void reserve(int max_batch, int num_sms = 0, cudaStream_t stream = nullptr) {
+    const int max_sequences = cache_->config().max_sequences;
+    if (max_batch < 1 || max_batch > max_sequences)
+      ::dms::detail::fail("decoder::reserve: max_batch = ", max_batch,
+                          " is outside the valid range [1, ", max_sequences,
+                          "] (cache_config::max_sequences)");
+    if (num_sms < 0)
+      ::dms::detail::fail("decoder::reserve: num_sms = ", num_sms,
+                          " is outside the valid range [0, 65536] (0 = the current device)");
+    decode_step_inputs<float, float> in;
+    in.batch = max_batch;
+    decode_step_outputs<float> out;
+    out.num_sms = num_sms;
+    std::size_t bytes = 0;
+    check(decode_step(nullptr, bytes, cache_->state(), cache_->device_policy(), in, out, stream),
+          "dms::cuda::decode_step (sizing)");
+    grow(bytes, stream);
+  }
+
+  /// Bytes of temporary storage held now.
+  [[nodiscard]] std::size_t reserved_bytes() const { return temp_.size(); }
 
   template <class In, class Q>
   void step(const decode_step_inputs<In, Q>& in, const decode_step_outputs<Q>& out,
@@ -150,8 +193,14 @@ class decoder {
     check(decode_step(nullptr, bytes, cache_->state(), cache_->device_policy(), in, out, stream),
           "dms::cuda::decode_step (sizing)");
     if (bytes > temp_.size()) {
-      check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");  // temp_ may be in use
-      temp_ = device_buffer<unsigned char>(bytes);
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      check(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+      if (capture != cudaStreamCaptureStatusNone)
+        ::dms::detail::fail("decoder::step under CUDA graph capture needs ", bytes,
+                            " bytes of temporary storage but ", temp_.size(),
+                            " are reserved (batch = ", in.batch,
+                            "): call reserve(max_batch) before capturing");
+      grow(bytes, stream);
     }
     bytes = temp_.size();
     check(
@@ -162,6 +211,12 @@ class decoder {
   [[nodiscard]] device_cache<T, Policy>& cache() const { return *cache_; }
 
  private:
+  void grow(std::size_t bytes, cudaStream_t stream) {
+    if (bytes <= temp_.size()) return;
+    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");  // temp_ may be in use
+    temp_ = device_buffer<unsigned char>(bytes);
+  }
+
   device_cache<T, Policy>* cache_;
   device_buffer<unsigned char> temp_;
 };

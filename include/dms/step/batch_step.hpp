@@ -47,6 +47,31 @@ DMS_HOST_DEVICE bool valid_sequence(const std::uint8_t* active, int max_sequence
   return seq >= 0 && seq < max_sequences && active[seq] != 0;
 }
 
+/// Duplicate sequence ids in one batch: the first occurrence (lowest batch index) is the entry
+/// that counts, and every later one fails with duplicate_sequence. first_entry[seq] holds the
+/// lowest batch index of each valid id in the batch (no_entry for the others). A minimum is the
+/// same whatever order the updates come in, so the kernel can take it with atomicMin from many
+/// threads and still flag exactly the entries that the serial driver flags: which duplicate
+/// fails, and so which error a step records, cannot depend on thread scheduling.
+inline constexpr std::int32_t no_entry = 0x7fffffff;
+
+/// first_entry[seq] = min(first_entry[seq], b) for a valid id (the serial form of the kernel's
+/// atomicMin). Invalid ids are skipped: their entries fail with bad_sequence anyway.
+DMS_HOST_DEVICE void note_entry(std::int32_t* first_entry, const std::uint8_t* active,
+                                int max_sequences, int seq, int b) {
+  if (valid_sequence(active, max_sequences, seq) && b < first_entry[seq]) first_entry[seq] = b;
+}
+
+/// Flags batch entry b as a duplicate if an earlier entry holds the same id. Only the entry's
+/// first row (kv head 0) carries the error, and only if its plan had none: plan_append reads the
+/// cache alone, so every entry of one id gets the same plan, and when that plan fails, its
+/// first entry fails first in row order anyway.
+DMS_HOST_DEVICE void flag_duplicate(row_plan& plan, const std::int32_t* first_entry, int seq, int b,
+                                    int kv_head) {
+  if (kv_head == 0 && plan.error == step_status::ok && first_entry[seq] < b)
+    plan.error = step_status::duplicate_sequence;
+}
+
 /// Phase 1 for one row: what the policy wants and what the row needs. Reads only.
 template <class T, class DevicePolicy>
 DMS_HOST_DEVICE row_plan plan_append(const cache_state<T>& st, const DevicePolicy& policy, int seq,
@@ -185,7 +210,9 @@ step_status append_batch(const cache_state<T>& st, const DevicePolicy& policy,
   if (*st.status != 0) return step_status(*st.status);
   const int H = st.num_kv_heads;
   const int rows = int(seq_ids.size()) * H;
-  std::vector<std::uint8_t> in_batch(static_cast<std::size_t>(st.max_sequences), 0);
+  std::vector<std::int32_t> first_entry(static_cast<std::size_t>(st.max_sequences), no_entry);
+  for (std::size_t b = 0; b < seq_ids.size(); ++b)
+    note_entry(first_entry.data(), st.active, st.max_sequences, seq_ids[b], int(b));
   std::vector<row_plan> plans(static_cast<std::size_t>(rows));
   std::vector<int> rank(static_cast<std::size_t>(rows));
   step_status error = step_status::ok;
@@ -193,8 +220,7 @@ step_status append_batch(const cache_state<T>& st, const DevicePolicy& policy,
   for (int i = 0; i < rows; ++i) {
     const float logit = decision_logits ? decision_logits[i] : 0.0f;
     plans[i] = plan_append(st, policy, seq_ids[i / H], i % H, logit, in_prompt);
-    if (i % H == 0 && plans[i].error == step_status::ok && in_batch[seq_ids[i / H]]++ != 0)
-      plans[i].error = step_status::duplicate_sequence;
+    flag_duplicate(plans[i], first_entry.data(), seq_ids[i / H], i / H, i % H);
     if (plans[i].error != step_status::ok && error == step_status::ok) error = plans[i].error;
     rank[i] = pages;
     pages += plans[i].fresh;
