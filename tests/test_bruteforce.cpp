@@ -726,8 +726,8 @@ TEST_CASE("brute force: StreamingLLM", "[bruteforce][streaming]") {
 
 TEST_CASE("brute force: Quest", "[bruteforce][quest]") {
   for (int i = 0; i < kCases; ++i) {
-    const int P = shape_for(i).P;  // budgets below one page, at and around page multiples
-    const int budgets[] = {1, P, 2 * P, 3 * P, 4 * P + 1, std::max(1, P / 2), 8 * P, 200};
+    const int P = shape_for(i).P;  // budgets at and around page multiples (>= one page)
+    const int budgets[] = {P, P, 2 * P, 3 * P, 4 * P + 1, P + P / 2, 8 * P, 200};
     // layer 1 < dense_layers 2 reads densely; layer 2 selects pages
     run<dms::quest_policy>({.k = kind::quest,
                             .budget = budgets[pick(i)],

@@ -28,5 +28,6 @@
 #include "dms/step/batch_step.hpp"
 #include "dms/step/cache_image.hpp"
 #include "dms/step/cache_state.hpp"
+#include "dms/step/image_check.hpp"
 #include "dms/step/prompt_compression.hpp"
 #include "dms/version.hpp"
