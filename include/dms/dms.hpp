@@ -19,6 +19,7 @@
 #include "dms/policy/policy.hpp"
 #include "dms/policy/quest.hpp"
 #include "dms/policy/ranking.hpp"
+#include "dms/policy/score_policy.hpp"
 #include "dms/policy/snapkv.hpp"
 #include "dms/policy/streaming_llm.hpp"
 #include "dms/policy/tova.hpp"
