@@ -437,7 +437,7 @@ class paged_cache {
   /// Positions held by a row, in slot order (-1 for holes): for tests and debugging.
   [[nodiscard]] std::vector<std::int32_t> positions(int row) const {
     check_row(row);
-    std::vector<std::int32_t> out(std::size_t(length_[row]));
+    std::vector<std::int32_t> out(static_cast<std::size_t>(length_[row]));
     for (int s = 0; s < length_[row]; ++s) out[std::size_t(s)] = slot_position(row, s);
     return out;
   }
