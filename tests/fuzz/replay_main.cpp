@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // The fuzz scenarios without libFuzzer, with any compiler:
 //   dms_fuzz_replay <file or directory>...    every input (the committed corpus: ctest fuzz.corpus)
-//   dms_fuzz_replay --stress [ops] [seed]     deterministic stress run: inputs of random bytes
+//   dms_fuzz_replay --stress [ops] [seed] [n] deterministic stress run: inputs of random bytes
 //                                             from `seed` (default 1) until `ops` operations
 //                                             (default 10^6) have run; a failure names the input
-//                                             number that reproduces it
+//                                             number n; with n, only that input runs and its
+//                                             bytes are written to stress-input.bin
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -53,13 +54,22 @@ int replay(int argc, char** argv) {
   return 0;
 }
 
-int stress(long ops, std::uint64_t seed) {
+int stress(long ops, std::uint64_t seed, long only) {
   dms_bf::rng r{seed};
   std::vector<std::uint8_t> bytes(2048);
   long done = 0, inputs = 0;
   while (done < ops) {
     for (auto& b : bytes) b = std::uint8_t(r.next());
+    if (only > 0 && inputs + 1 != only) {  // reproducing one input: skip the others
+      ++inputs;
+      continue;
+    }
     const auto o = dms_fuzz::run_input(bytes.data(), bytes.size());
+    if (only > 0) {
+      std::FILE* f = std::fopen("stress-input.bin", "wb");
+      if (f) std::fwrite(bytes.data(), 1, bytes.size(), f), std::fclose(f);
+      ops = 0;  // done after this one; its bytes are in stress-input.bin
+    }
     done += o.events;
     ++inputs;
     if (!o.error.empty()) {
@@ -78,6 +88,7 @@ int stress(long ops, std::uint64_t seed) {
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--stress") == 0)
     return stress(argc > 2 ? std::atol(argv[2]) : 1000000,
-                  argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1);
+                  argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1,
+                  argc > 4 ? std::atol(argv[4]) : 0);
   return replay(argc, argv);
 }

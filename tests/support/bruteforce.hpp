@@ -109,8 +109,12 @@ inline int g_deferred = 0;  // near-ties settled by accepting the library's (val
 /// The ids of the `count` items to drop: lowest score first, ties -> smaller id first (the spec's
 /// "oldest goes first"). If the cut falls between scores that differ by less than float rounding
 /// could explain (but not exactly equal), any valid choice is right: adopt the library's.
+/// exact_ties = false: equal scores here need not be equal in float (SnapKV's average pooling
+/// sums the same values in a different order for neighbouring windows), so they are near-ties
+/// too.
 inline std::vector<int> drops(std::vector<std::pair<double, int>> items, int count,
-                              const std::set<int>& lib_kept, double abs_tol = 1e-12) {
+                              const std::set<int>& lib_kept, double abs_tol = 1e-12,
+                              bool exact_ties = true) {
   std::sort(items.begin(), items.end());
   const int n = int(items.size());
   count = std::clamp(count, 0, n);
@@ -130,7 +134,7 @@ inline std::vector<int> drops(std::vector<std::pair<double, int>> items, int cou
     else if (sc > hi + tol)
       valid &= !dropped;
     else
-      exact &= sc == lo;
+      exact &= exact_ties && sc == lo;
   }
   if (exact || !valid || int(lib_drop.size()) != count) return strict;
   ++g_deferred;
@@ -345,7 +349,7 @@ struct brute {
               acc = m.max_pool ? std::max(acc, score[pre[x]]) : acc + score[pre[x]];
             items.emplace_back(m.max_pool ? acc : acc / m.kernel, pre[i]);
           }
-          drop(s, h, drops(items, np - (m.budget - m.window), lib.kept(h)));
+          drop(s, h, drops(items, np - (m.budget - m.window), lib.kept(h), 1e-12, m.max_pool));
           break;
         }
         default:
@@ -606,7 +610,9 @@ class driver {
       const auto got = held(one, one.row_index(sid, h));
       if (got != brute::kept_list(s, h))
         return "one-shot prefill kept " + list(got) + ", brute force " +
-               list(brute::kept_list(s, h));
+               list(brute::kept_list(s, h)) + ", chunked prefill " +
+               list(held(cache_, cache_.row_index(id, h))) + " (row " + std::to_string(h) +
+               ", chunk " + std::to_string(chunk) + ", padding " + std::to_string(pad) + ")";
     }
     return check(id);
   }
