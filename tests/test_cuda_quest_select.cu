@@ -186,7 +186,7 @@ void run_case(int H, int G, int d, int P, int token_budget, const std::vector<in
 
 TEST_CASE("cuda::select_pages equals the CPU: half K/V, half q, G = 4, head_dim 128",
           "[gpu][quest]") {
-  const int token_budget = GENERATE(8, 64, 1000, 4096);  // 1 (only the current page), 4, 62, 256
+  const int token_budget = GENERATE(16, 64, 1000, 4096);  // 1 (only the current page), 4, 62, 256
   const int P = 16, pages = std::max(1, token_budget / P);
   run_case<dms::half, dms::half>(2, 4, 128, P, token_budget, lengths_around(pages, P, {3000, 5000}),
                                  keys_kind::random, 11);

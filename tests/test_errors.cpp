@@ -9,6 +9,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dms/dms.hpp"
@@ -80,8 +81,17 @@ void require_rejected(Cache& cache, const std::function<void()>& call, const Mat
 }
 
 // A cache with some history: two sequences, one token evicted, a decode step or two.
+// DMS with a window that fits base_config's rows (the default 512 would be rejected).
+template <class P>
+P small_policy() {
+  if constexpr (std::is_same_v<P, dms::dms_policy>)
+    return P{{.window = 8}};
+  else
+    return P{};
+}
+
 template <class P = dms::dms_policy>
-dms::paged_cache<float, P> used_cache(P policy = P{}) {
+dms::paged_cache<float, P> used_cache(P policy = small_policy<P>()) {
   dms::paged_cache<float, P> cache(base_config(), std::move(policy));
   const int a = cache.add_sequence(), b = cache.add_sequence();
   for (int t = 0; t < 5; ++t) append_valid(cache, a, float(t));

@@ -244,8 +244,10 @@ TEST_CASE("Quest reads every page of a short row, and of a dense layer", "[quest
     REQUIRE(picked.size() == 3u);
     REQUIRE(picked.back() == 3);
   }
-  SECTION("a budget below one page still reads the current page") {
-    quest_cache<float> cache(cfg, quest(P - 1));
+  SECTION("a budget below one page is rejected (it would read a whole page anyway)") {
+    REQUIRE_THROWS_WITH(quest_cache<float>(cfg, quest(P - 1)),
+                        Catch::Contains("quest_params.token_budget = " + std::to_string(P - 1)));
+    quest_cache<float> cache(cfg, quest(P));  // one page: the current one only
     const int seq = cache.add_sequence();
     for (int t = 0; t < 3 * P; ++t) append_random(cache, seq, rng);
     REQUIRE(select(cache, seq, 0, q.data()) == std::vector<int>{2});

@@ -2,8 +2,11 @@
 #pragma once
 
 // Shape and capacity of one layer's KV cache. Plain data, validated once in the cache's
-// constructor (validate() names the first bad field and its valid range).
+// constructor (validate() names the first bad field and its valid range) before anything is
+// allocated. Every size derived from it is checked against a documented limit, in 64-bit
+// arithmetic, so no product of fields can overflow.
 
+#include <cstddef>
 #include <cstdint>
 
 #include "dms/config.hpp"
@@ -30,6 +33,13 @@ struct cache_config {
   static constexpr int max_head_dim = 1024;
   static constexpr int max_group_size = 64;
   static constexpr int max_page_size = 4096;
+  /// Limits on derived sizes (see validate()).
+  static constexpr std::int64_t max_pool_slots = std::int64_t{1} << 30;  // max_pages * page_size
+  static constexpr std::int64_t max_rows_limit = std::int64_t{1} << 24;  // sequences * KV heads
+  static constexpr std::int64_t max_page_table_entries = std::int64_t{1} << 28;  // 1 GiB of int32
+  /// K + V + per-slot and per-page metadata of one layer's pool: 1 TiB, more than any device
+  /// holds. A pool under the limit that the machine cannot allocate is a dms::error too.
+  static constexpr std::int64_t max_pool_bytes = std::int64_t{1} << 40;
 
   [[nodiscard]] constexpr int num_query_heads() const { return num_kv_heads * group_size; }
   [[nodiscard]] constexpr int max_rows() const { return max_sequences * num_kv_heads; }
@@ -39,21 +49,51 @@ struct cache_config {
 
   friend constexpr bool operator==(const cache_config&, const cache_config&) = default;
 
-  /// Throws dms::error naming the first invalid field.
+  /// Bytes of a page pool with `element_bytes` per K/V element (64-bit, never overflows for a
+  /// config whose fields are in range).
+  [[nodiscard]] constexpr std::int64_t pool_bytes(std::size_t element_bytes, bool with_scores,
+                                                  bool with_bounds) const {
+    const std::int64_t slots = std::int64_t{max_pages} * page_size;
+    std::int64_t bytes = 2 * slots * head_dim * std::int64_t(element_bytes) + slots * 4;
+    if (with_scores) bytes += slots * 4;
+    if (with_bounds) bytes += 2 * std::int64_t{max_pages} * head_dim * 4;
+    return bytes;
+  }
+
+  /// Throws dms::error naming the first invalid field, or the first derived size over its limit.
   void validate() const {
     detail::check_range("cache_config.num_kv_heads", num_kv_heads, 1, 1024);
     detail::check_range("cache_config.group_size", group_size, 1, max_group_size);
     detail::check_range("cache_config.head_dim", head_dim, 1, max_head_dim);
     detail::check_range("cache_config.page_size", page_size, 1, max_page_size);
-    detail::check_range("cache_config.max_pages", max_pages, 1, (1 << 30) / page_size);
+    detail::check_range("cache_config.max_pages", max_pages, 1, max_pool_slots / page_size);
     detail::check_range("cache_config.max_sequences", max_sequences, 1, 1 << 20);
     detail::check_range("cache_config.max_row_slots", max_row_slots, 1, 1 << 30);
-    // Page tables are dense [max_rows][max_pages_per_row] int32 arrays; keep them addressable.
-    const auto table = std::int64_t{max_rows()} * max_pages_per_row();
-    if (table > (std::int64_t{1} << 31) - 1)
+    // Rows and page tables are allocated up front (kernels index them directly): keep them small
+    // enough to allocate. 64-bit products, so fields in range cannot overflow here.
+    const std::int64_t rows = std::int64_t{max_sequences} * num_kv_heads;
+    if (rows > max_rows_limit)
+      detail::fail("cache_config: max_sequences * num_kv_heads = ", max_sequences, " * ",
+                   num_kv_heads, " = ", rows, " rows is outside the valid range [1, ",
+                   max_rows_limit, "] (cache_config::max_rows_limit)");
+    const auto table = rows * max_pages_per_row();
+    if (table > max_page_table_entries)
       detail::fail(
           "cache_config: max_sequences * num_kv_heads * ceil(max_row_slots / page_size) = ", table,
-          " page-table entries exceeds 2^31 - 1");
+          " page-table entries is outside the valid range [1, ", max_page_table_entries,
+          "] (cache_config::max_page_table_entries)");
+  }
+
+  /// validate(), plus the pool's byte count for `element_bytes` per K/V element against
+  /// max_pool_bytes.
+  void validate(std::size_t element_bytes, bool with_scores, bool with_bounds) const {
+    validate();
+    const std::int64_t bytes = pool_bytes(element_bytes, with_scores, with_bounds);
+    if (bytes > max_pool_bytes)
+      detail::fail("cache_config: the page pool (max_pages = ", max_pages,
+                   " * page_size = ", page_size, " slots * head_dim = ", head_dim,
+                   ", K and V) needs ", bytes, " bytes, outside the valid range [1, ",
+                   max_pool_bytes, "] (cache_config::max_pool_bytes)");
   }
 };
 

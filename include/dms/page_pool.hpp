@@ -4,15 +4,28 @@
 // The page pool of one layer: fixed-size pages of K/V storage plus the per-slot and per-page
 // metadata that policies need, and a free list. Allocation order is LIFO so a freed page is
 // reused while it is still warm in cache. Exhaustion throws; nothing is ever overwritten.
+//
+// Thread safety: the free list is the one piece of state that every sequence of a cache shares,
+// so allocate, release, reserve and the counts lock an internal mutex and may be called from any
+// number of threads. A page's storage belongs to whoever holds the page. free_list() and
+// assign_free_list() (cache images) need exclusive access to the pool.
+//
+// Reservations: reserve(n) sets n free pages aside (they stay on the free list, but only
+// allocate(true) hands them out), so that a caller which has checked its capacity cannot lose the
+// pages to another thread before it allocates them.
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
 #include "dms/cache_config.hpp"
 #include "dms/error.hpp"
 #include "dms/numeric.hpp"
+#include "dms/sync.hpp"
 
 DMS_NAMESPACE_BEGIN
 
@@ -20,32 +33,73 @@ template <storage_type T>
 class page_pool {
  public:
   /// with_scores: allocate one float score per slot; with_bounds: per-page key min/max (Quest).
+  /// Checks the byte count against cache_config::max_pool_bytes first and turns an allocation
+  /// failure into dms::error, so a too-large pool never surfaces as std::bad_alloc.
   page_pool(const cache_config& cfg, bool with_scores, bool with_bounds)
       : page_size_(cfg.page_size), head_dim_(cfg.head_dim), max_pages_(cfg.max_pages) {
-    const auto slots = std::size_t(max_pages_) * page_size_;
-    k_.resize(slots * head_dim_);
-    v_.resize(slots * head_dim_);
-    position_.assign(slots, -1);
-    if (with_scores) score_.assign(slots, 0.0f);
-    if (with_bounds) {
-      page_min_.resize(std::size_t(max_pages_) * head_dim_);
-      page_max_.resize(std::size_t(max_pages_) * head_dim_);
+    const std::int64_t bytes = cfg.pool_bytes(sizeof(T), with_scores, with_bounds);
+    try {
+      const auto slots = std::size_t(max_pages_) * page_size_;
+      k_.resize(slots * head_dim_);
+      v_.resize(slots * head_dim_);
+      position_.assign(slots, -1);
+      if (with_scores) score_.assign(slots, 0.0f);
+      if (with_bounds) {
+        page_min_.resize(std::size_t(max_pages_) * head_dim_);
+        page_max_.resize(std::size_t(max_pages_) * head_dim_);
+      }
+      free_.reserve(max_pages_);
+    } catch (const std::bad_alloc&) {
+      detail::fail("cannot allocate the page pool: ", bytes,
+                   " bytes (cache_config.max_pages = ", cfg.max_pages,
+                   ", page_size = ", cfg.page_size, ", head_dim = ", cfg.head_dim, ")");
     }
-    free_.reserve(max_pages_);
     for (int p = max_pages_ - 1; p >= 0; --p) free_.push_back(p);
   }
 
+  page_pool(page_pool&&) noexcept = default;
+  page_pool& operator=(page_pool&&) noexcept = default;
+
   [[nodiscard]] int capacity() const { return max_pages_; }
-  [[nodiscard]] int free_pages() const { return int(free_.size()); }
+  /// Pages on the free list, reserved ones included.
+  [[nodiscard]] int free_pages() const {
+    std::lock_guard lock(mutex_.m);
+    return int(free_.size());
+  }
+  /// Free pages nobody has reserved: what allocate(false) can still hand out.
+  [[nodiscard]] int available_pages() const {
+    std::lock_guard lock(mutex_.m);
+    return int(free_.size()) - reserved_;
+  }
   [[nodiscard]] int pages_in_use() const { return max_pages_ - free_pages(); }
 
-  /// Takes a page off the free list; its slots are empty and its key bounds reset.
-  [[nodiscard]] std::int32_t allocate() {
-    if (free_.empty())
-      detail::fail("page pool exhausted: all ", max_pages_,
-                   " pages (cache_config.max_pages) are in use");
-    const std::int32_t page = free_.back();
-    free_.pop_back();
+  /// Sets n free pages aside for allocate(true). False (and nothing reserved) if fewer than n are
+  /// available.
+  [[nodiscard]] bool try_reserve(int n) {
+    std::lock_guard lock(mutex_.m);
+    if (n < 0 || int(free_.size()) - reserved_ < n) return false;
+    reserved_ += n;
+    return true;
+  }
+  /// Returns n reserved pages to the unreserved free pages.
+  void unreserve(int n) {
+    std::lock_guard lock(mutex_.m);
+    reserved_ -= n;
+  }
+
+  /// Takes a page off the free list (a reserved one if `reserved`); its slots are empty and its
+  /// key bounds reset.
+  [[nodiscard]] std::int32_t allocate(bool reserved = false) {
+    std::int32_t page;
+    {
+      std::lock_guard lock(mutex_.m);
+      if (reserved ? reserved_ == 0 : int(free_.size()) - reserved_ == 0)
+        detail::fail("page pool exhausted: all ", max_pages_,
+                     " pages (cache_config.max_pages) are in use or reserved");
+      page = free_.back();
+      free_.pop_back();
+      if (reserved) --reserved_;
+    }
     const auto first = std::size_t(page) * page_size_;
     for (int s = 0; s < page_size_; ++s) position_[first + s] = -1;
     if (!page_min_.empty()) {
@@ -58,17 +112,22 @@ class page_pool {
     return page;
   }
 
-  void release(std::int32_t page) {
+  /// Puts a page back on top of the free list; `reserved` keeps it set aside (undoing an
+  /// allocate(true)).
+  void release(std::int32_t page, bool reserved = false) {
     detail::check_range("page id", page, 0, max_pages_ - 1);
+    std::lock_guard lock(mutex_.m);
     free_.push_back(page);
+    if (reserved) ++reserved_;
   }
 
   /// The free list, bottom first: back() is the next page allocate() hands out.
   [[nodiscard]] const std::vector<std::int32_t>& free_list() const { return free_; }
-  /// Replaces the free list (loading a cache image); the caller keeps it consistent.
-  void assign_free_list(std::vector<std::int32_t> pages) {
-    for (const auto p : pages) detail::check_range("free page id", p, 0, max_pages_ - 1);
+  /// Replaces the free list (loading a cache image) and drops every reservation; the caller
+  /// keeps it consistent. Does not throw.
+  void assign_free_list(std::vector<std::int32_t>&& pages) noexcept {
     free_ = std::move(pages);
+    reserved_ = 0;
   }
 
   // Raw storage, laid out as documented on cache_view.
@@ -95,7 +154,9 @@ class page_pool {
   std::vector<float> score_;
   std::vector<float> page_min_;
   std::vector<float> page_max_;
-  std::vector<std::int32_t> free_;
+  std::vector<std::int32_t> free_;  // guarded by mutex_
+  int reserved_ = 0;                // guarded by mutex_
+  mutable detail::movable_mutex mutex_;
 };
 
 DMS_NAMESPACE_END

@@ -11,6 +11,8 @@
 #   install_cpu_only  the same, but the consumer cannot find the CUDA toolkit: dms::dms only
 #   build_tree        find_package/ with dms_DIR=<dms build> (the build tree's export)
 #   add_subdirectory  add_subdirectory/ with add_subdirectory(<dms source> dms)
+#   add_subdirectory_cpu  the same without DMS_ENABLE_CUDA: from a CPU-only parent, dms must
+#                     default to OFF and not look for a CUDA compiler
 #   copy_in           copy include/dms into <work>/include and compile main.cpp with a plain -I
 #
 # Everything happens under WORK_DIR, which is wiped first; nothing touches the network.
@@ -147,6 +149,10 @@ elseif(MODE STREQUAL "add_subdirectory")
                        "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
   endif()
   build_consumer("${_consumer_dir}/add_subdirectory" ${_extra})
+
+elseif(MODE STREQUAL "add_subdirectory_cpu")
+  build_consumer("${_consumer_dir}/add_subdirectory" "-DDMS_SOURCE_DIR=${DMS_SOURCE_DIR}"
+                 "-DDMS_EXPECT_CUDA_DEFAULT_OFF=ON")
 
 elseif(MODE STREQUAL "copy_in")
   file(COPY "${DMS_SOURCE_DIR}/include/dms" DESTINATION "${WORK_DIR}/include")

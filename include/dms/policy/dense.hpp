@@ -15,6 +15,7 @@ struct dense_device_policy : device_policy_base {
 };
 
 struct dense_policy : policy<dense_policy> {
+  static constexpr bool hooks_never_throw = true;
   const char* name() const { return "dense"; }
   template <class Row>
   int choose_victim(const Row&, const token_info&) const {

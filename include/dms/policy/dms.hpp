@@ -13,10 +13,17 @@
 //    device code, which cannot throw, treats them as "keep" (NaN > 0 is false).
 //  * The logit of a sequence's first token applies to nothing; the newest token is "keep" until
 //    the next one arrives.
+//  * A user eviction (row.evict(slot) outside the policy) drops the token at once: the ring
+//    forgets its slot and flag (on_evict), so no later token reuses the hole through the ring
+//    (the cache refills it like any hole) and the row keeps working.
+//  * The window w is the checkpoint's `dms_window_size` (NVIDIA's inference code builds its cache
+//    with w + 1 and tests t - j < w + 1: the same rule). A row must hold w + 1 slots, so the cache
+//    rejects a window with w + 1 > cache_config.max_row_slots.
 
 #include <cstdint>
 #include <vector>
 
+#include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/device_policy.hpp"
@@ -91,6 +98,7 @@ struct dms_policy : policy<dms_policy> {
     std::vector<std::uint8_t> ring_flag;  // [window + 1] its eviction flag
   };
   static constexpr bool uses_decision_logits = true;
+  static constexpr bool hooks_never_throw = true;
 
   dms_policy() : dms_policy(dms_params{}) {}
   explicit dms_policy(dms_params p) : params_(p) {
@@ -118,6 +126,31 @@ struct dms_policy : policy<dms_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}  // eviction is decided at append time, by the shift rule
+
+  /// Forgets an evicted token's ring entry (see the choices above). For an append's own victim
+  /// the entry is rewritten by on_append right after.
+  template <class Row>
+  void on_evict(Row& row, int slot) const {
+    const std::int32_t p = row.position(slot), w1 = params_.window + 1;
+    if (p < row.tokens_seen() - w1) return;
+    auto& s = row.state();
+    if (s.ring_slot[std::size_t(p % w1)] == slot) {
+      s.ring_slot[std::size_t(p % w1)] = -1;
+      s.ring_flag[std::size_t(p % w1)] = 0;
+    }
+  }
+  /// Whether the ring still holds the slot of the cached token at `position` (false once a user
+  /// eviction took it): prefill's capacity check counts a reuse only then.
+  [[nodiscard]] bool holds_slot(const row_state& s, std::int32_t position) const {
+    return s.ring_slot[std::size_t(position % (params_.window + 1))] >= 0;
+  }
+  void check_config(const cache_config& cfg) const {
+    if (std::int64_t{params_.window} + 1 > cfg.max_row_slots)
+      detail::fail("dms_params.window = ", params_.window,
+                   " needs window + 1 = ", std::int64_t{params_.window} + 1,
+                   " slots per row, more than cache_config.max_row_slots = ", cfg.max_row_slots,
+                   " (valid: window in [0, max_row_slots - 1])");
+  }
 
   [[nodiscard]] dms_device_policy device_form() const { return {{}, params_.window}; }
   void pack_row_state(const row_state& s, std::int32_t* slot, std::uint8_t* flag) const {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/device_policy.hpp"
@@ -49,6 +50,7 @@ struct h2o_device_policy : device_policy_base {
 
 struct h2o_policy : policy<h2o_policy> {
   static constexpr bool keeps_scores = true;
+  static constexpr bool hooks_never_throw = true;
 
   h2o_policy() : h2o_policy(h2o_params{}) {}
   explicit h2o_policy(h2o_params p) : params_(p) {
@@ -68,6 +70,13 @@ struct h2o_policy : policy<h2o_policy> {
   template <class Seq>
   void after_attention(Seq& seq) const {
     for (int h = 0; h < seq.num_rows(); ++h) reduce(seq.row(h));
+  }
+  /// A row holds budget + 1 tokens between an append and the step's eviction.
+  void check_config(const cache_config& cfg) const {
+    if (std::int64_t{params_.budget} + 1 > cfg.max_row_slots)
+      detail::fail("h2o_params.budget = ", params_.budget,
+                   " is outside the valid range [max(1, recent), cache_config.max_row_slots - 1 = ",
+                   cfg.max_row_slots - 1, "] (a row holds budget + 1 tokens before each eviction)");
   }
   [[nodiscard]] h2o_device_policy device_form() const {
     return {{}, params_.budget, params_.recent};

@@ -12,8 +12,13 @@
 //      const -> slot to overwrite, or -1             | cache checks capacity first    |
 //* void after_attention(Seq&)                        | after each decode step's       | -
 //                                                    | attention (finish_step)        |
-//  using row_state = ...; void init_row(row_state&)  | per row, on add_sequence       | empty state
+//  using row_state = ...; void init_row(row_state&)  | per row, on add_sequence       | empty
+//  state;
+//                                                    | (required with a row_state)    |
+//                                                    static_assert
 //  void on_append(Row&, const token_info&, int slot) | after a token lands in a slot  | nothing
+//  void on_evict(Row&, int slot)                     | before any eviction (policy's, | nothing
+//                                                    | user's, an append's victim)    |
 //  score_update score_for_query(int query_position,  | by attention, per query, to    | none
 //      int prompt_end) const                         | fold probabilities into scores |
 //  void on_slot_moved(Row&, int from, int to)        | when compaction moves a slot   | nothing
@@ -27,12 +32,24 @@
 //  static constexpr bool uses_decision_logits        | append requires one logit per  | false
 //                                                    | KV head; prefill applies the   |
 //                                                    | delayed-eviction rule          |
+//  void check_config(const cache_config&) const      | by the cache's constructor:    | nothing
+//                                                    | throw if the policy's          |
+//                                                    | parameters cannot fit          |
+//  static constexpr bool hooks_never_throw           | promises the hooks never throw | false
+//                                                    | (the cache then skips the undo |
+//                                                    | log; library policies set it)  |
 //
-// Row is a handle with length(), live(), tokens_seen(), num_pages(), page_size(), position(slot),
-// score(slot), page_min/max(page), state(), evict(slot), compact(); Seq has num_rows() and
-// row(kv_head). Policies with uses_decision_logits also provide window() and
-// flagged(const row_state&, position, tokens_seen) for the prefill visibility rule. A missing
-// required hook fails to compile with a static_assert that names it (see check_policy_hooks below).
+// Row is a handle with length(), live(), tokens_seen(), num_pages(), page_size(), head_dim(),
+// position(slot), score(slot), key(slot), value(slot) (spans of the storage type, dms::to_float
+// converts), page_min/max(page), state(), evict(slot), compact(); Seq has num_rows() and
+// row(kv_head). Slot and page arguments are checked. Policies with uses_decision_logits also
+// provide window() and flagged(const row_state&, position, tokens_seen) for the prefill
+// visibility rule. A missing required hook fails to compile with a static_assert that names it
+// (see check_policy_hooks below).
+//
+// Exceptions: if a hook throws (after_attention, compress_prompt, on_append, on_evict,
+// on_slot_moved, init_row), the call that ran it restores the cache -- slots, K/V, holes, pages,
+// counters and the row state of every row the hook touched -- before the exception propagates.
 
 #include <concepts>
 #include <cstdint>
@@ -110,10 +127,21 @@ struct policy {
   static constexpr bool keeps_scores = false;
   static constexpr bool needs_page_bounds = false;
   static constexpr bool uses_decision_logits = false;
+  static constexpr bool hooks_never_throw = false;
 
-  void init_row(no_row_state&) const {}
+  /// A policy that declares its own row_state must say how a new row starts.
+  template <class State>
+  void init_row(State&) const {
+    static_assert(std::is_same_v<State, no_row_state>,
+                  "dms policy: a policy that declares `row_state` must define the hook "
+                  "`void init_row(row_state&) const` (called for every row of a new sequence)");
+  }
   template <class Row>
   void on_append(Row&, const token_info&, int) const {}
+  template <class Row>
+  void on_evict(Row&, int) const {}
+  template <class Config>
+  void check_config(const Config&) const {}
   constexpr score_update score_for_query(int, int) const { return score_update::none; }
   template <class Row>
   void on_slot_moved(Row&, int, int) const {}

@@ -9,7 +9,10 @@
 //
 // Choices: under GQA a page's score is the MAX of U over the G query heads of the group (a valid
 // bound for each of them); ties go to the lower page index; the selection is returned in page
-// order. Layers below `dense_layers` (2 in the official setup) read everything.
+// order. Layers below `dense_layers` read everything; the default is 0, so a Quest cache saves
+// reads unless told otherwise (the official setup keeps its first 2 layers dense: give each
+// layer's cache `.layer = i, .dense_layers = 2`). The token budget is whole pages: it must be at
+// least cache_config.page_size (the cache rejects less) and is rounded down to a multiple of it.
 
 #include <algorithm>
 #include <cstdint>
@@ -60,12 +63,13 @@ struct quest_device_policy : device_policy_base {
 struct quest_params {
   int token_budget = 1024;  // B: tokens read per step (B / page_size pages)
   int layer = 0;            // index of the layer this cache belongs to
-  int dense_layers = 2;     // layers [0, dense_layers) are read densely
+  int dense_layers = 0;     // layers [0, dense_layers) are read densely (official setup: 2)
 };
 
 struct quest_policy : policy<quest_policy> {
   static constexpr bool needs_page_bounds = true;
   static constexpr bool selects_pages = true;
+  static constexpr bool hooks_never_throw = true;
 
   quest_policy() : quest_policy(quest_params{}) {}
   explicit quest_policy(quest_params p) : params_(p) {
@@ -82,6 +86,14 @@ struct quest_policy : policy<quest_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}
+
+  /// A budget below one page would silently read a whole page anyway.
+  void check_config(const cache_config& cfg) const {
+    if (params_.token_budget < cfg.page_size)
+      detail::fail("quest_params.token_budget = ", params_.token_budget,
+                   " is outside the valid range [cache_config.page_size = ", cfg.page_size,
+                   ", 2^30]: Quest reads whole pages");
+  }
 
   [[nodiscard]] quest_device_policy device_form() const {
     return {{}, params_.token_budget, params_.layer < params_.dense_layers};

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/device_policy.hpp"
@@ -60,6 +61,7 @@ struct snapkv_device_policy : device_policy_base {
 
 struct snapkv_policy : policy<snapkv_policy> {
   static constexpr bool keeps_scores = true;
+  static constexpr bool hooks_never_throw = true;
 
   snapkv_policy() : snapkv_policy(snapkv_params{}) {}
   explicit snapkv_policy(snapkv_params p) : params_(p) {
@@ -84,6 +86,13 @@ struct snapkv_policy : policy<snapkv_policy> {
   }
   template <class Seq>
   void after_attention(Seq&) const {}
+
+  void check_config(const cache_config& cfg) const {
+    if (params_.capacity > cfg.max_row_slots)
+      detail::fail("snapkv_params.capacity = ", params_.capacity,
+                   " is outside the valid range [window = ", params_.window,
+                   ", cache_config.max_row_slots = ", cfg.max_row_slots, "]");
+  }
 
   [[nodiscard]] snapkv_device_policy device_form() const {
     return {{},

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/device_policy.hpp"
@@ -27,10 +28,12 @@ DMS_HOST_DEVICE std::int32_t ring_index(std::int32_t position, std::int32_t sink
   return (position - sinks) % recent;
 }
 
-/// Decode: once sinks + recent tokens are live, token t overwrites token t - recent.
-DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, int live, std::int32_t t,
-                           std::int32_t sinks, std::int32_t recent) {
-  if (live < sinks + recent || t - recent < sinks) return -1;
+/// Decode: token t overwrites token t - recent once that one is a non-sink token, unless it is
+/// gone already (its ring entry is -1 after a user eviction; the row is then one under budget and
+/// token t simply takes a slot).
+DMS_HOST_DEVICE int victim(const std::int32_t* ring_slot, std::int32_t t, std::int32_t sinks,
+                           std::int32_t recent) {
+  if (t - recent < sinks) return -1;
   return ring_slot[ring_index(t, sinks, recent)];
 }
 
@@ -43,7 +46,7 @@ struct streaming_device_policy : device_policy_base {
   DMS_HOST_DEVICE int ring_length() const { return recent; }
   DMS_HOST_DEVICE int choose_victim(const row_context& row, const token_info& tok) const {
     if (tok.in_prompt) return -1;
-    return streaming_rule::victim(row.ring_slot, row.live, tok.position, sinks, recent);
+    return streaming_rule::victim(row.ring_slot, tok.position, sinks, recent);
   }
   DMS_HOST_DEVICE void on_append(const row_context& row, const token_info& tok, int slot) const {
     if (tok.position >= sinks)
@@ -67,6 +70,7 @@ struct streaming_params {
 };
 
 struct streaming_llm_policy : policy<streaming_llm_policy> {
+  static constexpr bool hooks_never_throw = true;
   struct row_state {
     std::vector<std::int32_t>
         ring_slot;  // [recent] slot of non-sink token p at (p - sinks) % recent
@@ -86,8 +90,22 @@ struct streaming_llm_policy : policy<streaming_llm_policy> {
   template <class Row>
   int choose_victim(const Row& row, const token_info& tok) const {
     if (tok.in_prompt) return -1;
-    return streaming_rule::victim(row.state().ring_slot.data(), row.live(), tok.position,
-                                  params_.sinks, params_.recent);
+    return streaming_rule::victim(row.state().ring_slot.data(), tok.position, params_.sinks,
+                                  params_.recent);
+  }
+  /// A user eviction: forget the token's ring entry (see streaming_rule::victim).
+  template <class Row>
+  void on_evict(Row& row, int slot) const {
+    const std::int32_t p = row.position(slot);
+    if (p < params_.sinks) return;
+    auto& ring = row.state().ring_slot;
+    const auto i = std::size_t(streaming_rule::ring_index(p, params_.sinks, params_.recent));
+    if (ring[i] == slot) ring[i] = -1;
+  }
+  void check_config(const cache_config& cfg) const {
+    if (std::int64_t{params_.sinks} + params_.recent > cfg.max_row_slots)
+      detail::fail("streaming_params: sinks + recent = ", params_.sinks, " + ", params_.recent,
+                   " slots per row is more than cache_config.max_row_slots = ", cfg.max_row_slots);
   }
   template <class Row>
   void on_append(Row& row, const token_info& tok, int slot) const {

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "dms/cache_config.hpp"
 #include "dms/config.hpp"
 #include "dms/error.hpp"
 #include "dms/policy/device_policy.hpp"
@@ -51,6 +52,7 @@ struct tova_device_policy : device_policy_base {
 
 struct tova_policy : policy<tova_policy> {
   static constexpr bool keeps_scores = true;
+  static constexpr bool hooks_never_throw = true;
 
   tova_policy() : tova_policy(tova_params{}) {}
   explicit tova_policy(tova_params p) : params_(p) {
@@ -71,6 +73,13 @@ struct tova_policy : policy<tova_policy> {
   template <class Seq>
   void after_attention(Seq& seq) const {
     reduce_to(seq, params_.budget);
+  }
+  /// A row holds budget + 1 tokens between an append and the step's eviction.
+  void check_config(const cache_config& cfg) const {
+    if (std::int64_t{params_.budget} + 1 > cfg.max_row_slots)
+      detail::fail("tova_params.budget = ", params_.budget,
+                   " is outside the valid range [1, cache_config.max_row_slots - 1 = ",
+                   cfg.max_row_slots - 1, "] (a row holds budget + 1 tokens before each eviction)");
   }
   [[nodiscard]] tova_device_policy device_form() const {
     if (params_.ranking != tova_ranking::per_kv_head)

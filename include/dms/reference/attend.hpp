@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "dms/config.hpp"
+#include "dms/error.hpp"
 
 DMS_NAMESPACE_BEGIN
 namespace reference {
@@ -66,9 +67,15 @@ inline void attend_group(const float* q, int G, int d, const float* kt, int ldk,
   }
 }
 
-/// 1 / sqrt(head_dim) unless the caller gave a scale.
+/// 1 / sqrt(head_dim) for scale 0 (the default), else the caller's scale, which must be finite
+/// and > 0: a negative or non-finite scale is a dms::error, not silently replaced.
 inline float softmax_scale_or_default(float scale, int head_dim) {
-  return scale > 0.0f ? scale : 1.0f / std::sqrt(float(head_dim));
+  if (scale == 0.0f) return 1.0f / std::sqrt(float(head_dim));
+  if (!(scale > 0.0f) || !std::isfinite(scale))
+    detail::fail(
+        "softmax_scale = ", scale,
+        " is outside the valid range: 0 (meaning 1 / sqrt(head_dim)) or a finite value > 0");
+  return scale;
 }
 
 }  // namespace reference

@@ -28,6 +28,8 @@ struct decode_extras {
 };
 
 /// q: [num_query_heads][head_dim] of the token just appended to `seq`; out: same shape.
+/// Throws, changing nothing, on wrong sizes, an unknown sequence, a non-finite q (naming the
+/// element and the sequence) or an invalid softmax_scale.
 template <storage_type T, class P>
 void decode_attention(paged_cache<T, P>& cache, int seq, std::span<const float> q,
                       std::span<float> out, decode_extras extras = {}) {
@@ -38,6 +40,8 @@ void decode_attention(paged_cache<T, P>& cache, int seq, std::span<const float> 
   detail::check_size("decode_attention: out", out.size(), heads * d);
   if (!extras.lse.empty()) detail::check_size("decode_attention: lse", extras.lse.size(), heads);
   auto seq_ref = cache.sequence(seq);  // validates seq
+  detail::check_finite("decode_attention: q", q, 0, std::size_t(d), 0, "sequence", seq,
+                       [](float x) { return x; });
   const float scale = softmax_scale_or_default(extras.softmax_scale, d);
   const auto view = cache.view();
 
@@ -115,6 +119,11 @@ void decode_step(paged_cache<T, P>& cache, int seq, std::span<const float> q,
   if (!extras.lse.empty())
     detail::check_size("decode_step: lse", extras.lse.size(),
                        std::size_t(cache.config().num_query_heads()));
+  if (!cache.contains(seq))
+    cache.sequence(seq);  // throws the unknown-sequence error before q is looked at
+  detail::check_finite("decode_step: q", q, 0, std::size_t(cache.config().head_dim), 0, "sequence",
+                       seq, [](float x) { return x; });
+  (void)softmax_scale_or_default(extras.softmax_scale, cache.config().head_dim);
   cache.append(seq, k, v, decision_logits);
   decode_attention(cache, seq, q, out, extras);
   cache.finish_step(seq);

@@ -44,18 +44,21 @@ struct prefill_outputs {
 
 /// Throws unless the cache can take `n` more prompt tokens for `seq` (logits: [n][num_kv_heads]
 /// of those tokens, or empty), so a prefill that would run out of pages fails before it touches
-/// anything. Exact for every library policy: the training-free ones never evict inside the
-/// prompt, and DMS's reuses follow from the shift rule (the slot of token t-w-1 is reused iff that
-/// token is flagged). A user policy that evicts inside the prompt gets the no-eviction bound.
+/// anything; returns the new pages the tokens need. Exact for every library policy: the
+/// training-free ones never evict inside the prompt, and DMS's reuses follow from the shift rule
+/// (the slot of token t-w-1 is reused iff that token is flagged and still holds its slot). A user
+/// policy that evicts inside the prompt gets the no-eviction bound.
 template <storage_type T, class P>
-void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const float> logits,
-                           int n) {
+int check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const float> logits, int n) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads;
   std::int64_t pages = 0;
   for (int h = 0; h < Hk; ++h) {
     auto row = cache.row(seq, h);
     const std::int32_t t0 = row.tokens_seen();
+    if (std::int64_t{t0} + n > std::numeric_limits<std::int32_t>::max())
+      detail::fail("prefill: row of sequence ", seq, ", kv head ", h, " has seen ", t0, " tokens; ",
+                   n, " more would pass the limit of 2^31 - 1 (positions are int32)");
     int fresh = n;  // tokens that need a slot nobody frees for them
     if constexpr (P::uses_decision_logits) {
       const int w = cache.policy().window();
@@ -65,7 +68,9 @@ void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const fl
         const bool flagged = p >= t0 - 1
                                  ? dms_rule::evicts(logits[std::size_t(p + 1 - t0) * Hk + h])
                                  : cache.policy().flagged(row.state(), p, t0);
-        fresh -= flagged ? 1 : 0;
+        // A cached token a user evicted is gone from the ring: nothing reuses its slot.
+        const bool reused = flagged && (p >= t0 || cache.policy().holds_slot(row.state(), p));
+        fresh -= reused ? 1 : 0;
       }
     }
     const int grow = std::max(0, fresh - (row.length() - row.live()));  // holes are refilled first
@@ -76,12 +81,42 @@ void check_prompt_capacity(paged_cache<T, P>& cache, int seq, std::span<const fl
     pages += (row.length() + grow + cfg.page_size - 1) / cfg.page_size -
              (row.length() + cfg.page_size - 1) / cfg.page_size;
   }
-  const int free_pages = cfg.max_pages - cache.stats().pages_in_use;
+  const int free_pages = cache.available_pages() + cache.reserved_pages(seq);
   if (pages > free_pages)
     detail::fail("page pool exhausted: prefill of ", n, " tokens for sequence ", seq, " needs ",
                  pages, " new pages, ", free_pages, " of cache_config.max_pages = ", cfg.max_pages,
                  " are free");
+  return int(pages);
 }
+
+namespace prefill_detail {
+/// Non-finite checks of a prompt's real tokens (padding is not looked at): x is
+/// [tokens][heads][head_dim]; the message names [token][head][channel].
+inline void check_prompt_finite(const char* what, std::span<const float> x, int heads, int head_dim,
+                                int padding, int seq) {
+  const std::size_t per_token = std::size_t(heads) * std::size_t(head_dim);
+  detail::check_finite(what, x, std::size_t(padding) * per_token, per_token, std::size_t(head_dim),
+                       "sequence", seq, [](float f) { return f; });
+}
+
+/// Holds the pages a prefill chunk needs for the sequence while it appends, so that appends of
+/// other sequences on other threads cannot take them; gives back what is left on the way out.
+template <class Cache>
+struct chunk_reservation {
+  Cache& cache;
+  int seq;
+  int held = 0;
+  chunk_reservation(Cache& c, int s, int pages) : cache(c), seq(s) {
+    held = std::max(0, pages - cache.reserved_pages(seq));
+    cache.reserve_pages(seq, held);
+  }
+  ~chunk_reservation() {
+    cache.release_reserved_pages(seq, std::min(held, cache.reserved_pages(seq)));
+  }
+  chunk_reservation(const chunk_reservation&) = delete;
+  chunk_reservation& operator=(const chunk_reservation&) = delete;
+};
+}  // namespace prefill_detail
 
 /// Whether prefill_chunk ends the prompt (cache.finish_prompt) after its last chunk.
 enum class end_of_prompt { finish, defer };
@@ -112,8 +147,13 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
     detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ", t0,
                  " tokens; left padding must precede every real token");
   const int n = tokens - in.padding;  // real tokens in the chunk
-  if (t0 + n > prompt_length)
-    detail::fail("prefill: chunk ends at token ", t0 + n, ", past prompt_length = ", prompt_length);
+  if (std::int64_t{t0} + n > prompt_length)
+    detail::fail("prefill: chunk ends at token ", std::int64_t{t0} + n,
+                 ", past prompt_length = ", prompt_length);
+  prefill_detail::check_prompt_finite("prefill: q", in.q, H, d, in.padding, seq);
+  prefill_detail::check_prompt_finite("prefill: k", in.k, Hk, d, in.padding, seq);
+  prefill_detail::check_prompt_finite("prefill: v", in.v, Hk, d, in.padding, seq);
+  const float scale = softmax_scale_or_default(o.softmax_scale, d);
   if constexpr (P::uses_decision_logits) {
     detail::check_size("prefill: decision_logits", in.decision_logits.size(),
                        std::size_t(tokens) * Hk);
@@ -126,13 +166,13 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
                        std::size_t(tokens) * Hk);
   }
 
-  check_prompt_capacity(cache, seq,
-                        P::uses_decision_logits
-                            ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
-                            : std::span<const float>{},
-                        n);
+  const int pages = check_prompt_capacity(
+      cache, seq,
+      P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                              : std::span<const float>{},
+      n);
+  prefill_detail::chunk_reservation<paged_cache<T, P>> reservation(cache, seq, pages);
 
-  const float scale = softmax_scale_or_default(o.softmax_scale, d);
   const auto view = cache.view();
   std::fill(o.out.begin(), o.out.begin() + std::ptrdiff_t(in.padding) * qrow, 0.0f);
   if (!o.lse.empty())
@@ -270,16 +310,24 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
         detail::fail("prefill: decision_logits[", i / Hk, "][", i % Hk,
                      "] = ", in.decision_logits[i], " is not finite");
   detail::check_range("prefill: padding", in.padding, 0, tokens);
-  const int prompt_length = cache.sequence(seq).row(0).tokens_seen() + tokens - in.padding;
-  if (in.padding > 0 && prompt_length - (tokens - in.padding) > 0)
-    detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ",
-                 prompt_length - (tokens - in.padding),
+  const int Hq = cfg.num_query_heads(), Hkv = cfg.num_kv_heads, d = cfg.head_dim;
+  prefill_detail::check_prompt_finite("prefill: q", in.q, Hq, d, in.padding, seq);
+  prefill_detail::check_prompt_finite("prefill: k", in.k, Hkv, d, in.padding, seq);
+  prefill_detail::check_prompt_finite("prefill: v", in.v, Hkv, d, in.padding, seq);
+  (void)softmax_scale_or_default(o.softmax_scale, d);
+  const std::int32_t t0 = cache.sequence(seq).row(0).tokens_seen();
+  if (in.padding > 0 && t0 > 0)
+    detail::fail("prefill: padding = ", in.padding, " but sequence ", seq, " already holds ", t0,
                  " tokens; left padding must precede every real token");
-  check_prompt_capacity(cache, seq,
-                        P::uses_decision_logits
-                            ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
-                            : std::span<const float>{},
-                        tokens - in.padding);
+  // Checks t0 + tokens against the int32 position limit before prompt_length is formed.
+  const int pages = check_prompt_capacity(
+      cache, seq,
+      P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
+                              : std::span<const float>{},
+      tokens - in.padding);
+  const int prompt_length = t0 + (tokens - in.padding);
+  // The whole prompt's pages, held until the last chunk has appended (see chunk_reservation).
+  prefill_detail::chunk_reservation<paged_cache<T, P>> reservation(cache, seq, pages);
   for (int begin = 0; begin < tokens; begin += chunk_size) {
     const int len = std::min(chunk_size, tokens - begin);
     const auto part = [&](auto span, std::size_t per) {

@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+// dms_fuzz::run_policy for dense, DMS, TOVA and H2O (see fuzz_scenario.hpp).
+#include "fuzz_policies.inc"
+#include "fuzz_scenario.hpp"
+
+namespace dms_fuzz {
+template outcome run_policy<dms::dense_policy>(bool, const dms_bf::shape&, const dms_bf::model&,
+                                               const dms_bf::gen_opts&, std::uint64_t,
+                                               const byte_source&);
+template outcome run_policy<dms::dms_policy>(bool, const dms_bf::shape&, const dms_bf::model&,
+                                             const dms_bf::gen_opts&, std::uint64_t,
+                                             const byte_source&);
+template outcome run_policy<dms::tova_policy>(bool, const dms_bf::shape&, const dms_bf::model&,
+                                              const dms_bf::gen_opts&, std::uint64_t,
+                                              const byte_source&);
+template outcome run_policy<dms::h2o_policy>(bool, const dms_bf::shape&, const dms_bf::model&,
+                                             const dms_bf::gen_opts&, std::uint64_t,
+                                             const byte_source&);
+}  // namespace dms_fuzz
