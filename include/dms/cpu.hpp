@@ -8,5 +8,6 @@
 
 #include "dms/cpu/decode.hpp"
 #include "dms/cpu/executor.hpp"
+#include "dms/cpu/prefill.hpp"
 #include "dms/cpu/simd/level.hpp"
 #include "dms/cpu/thread_pool.hpp"

@@ -90,10 +90,11 @@ enum class end_of_prompt { finish, defer };
 /// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt), unless
 /// `end` is defer: then the caller ends it, e.g. once every sequence of a batch has appended its
 /// last chunk (the order of the GPU's batched prefill, which hands out pages in that order).
+/// Everything prefill_chunk checks before it touches the cache (shared with dms::cpu's fast
+/// prefill, so both reject the same calls with the same messages). Returns the chunk's tokens.
 template <storage_type T, class P>
-void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
-                   int prompt_length, prefill_outputs o,
-                   end_of_prompt end = end_of_prompt::finish) {
+int check_prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                        int prompt_length, const prefill_outputs& o) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
   const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
@@ -131,6 +132,21 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
                             ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
                             : std::span<const float>{},
                         n);
+
+  return tokens;
+}
+
+template <storage_type T, class P>
+void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                   int prompt_length, prefill_outputs o,
+                   end_of_prompt end = end_of_prompt::finish) {
+  const cache_config& cfg = cache.config();
+  const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
+  const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
+  const int tokens = check_prefill_chunk(cache, seq, in, prompt_length, o);
+  auto seq_ref = cache.sequence(seq);
+  const std::int32_t t0 = seq_ref.row(0).tokens_seen();
+  const int n = tokens - in.padding;  // real tokens in the chunk
 
   const float scale = softmax_scale_or_default(o.softmax_scale, d);
   const auto view = cache.view();
@@ -242,10 +258,12 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
 }
 
-/// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
-template <storage_type T, class P>
-void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int chunk_size,
-             prefill_outputs o) {
+/// Validates a whole prompt, then runs it in chunks of `chunk_size` tokens (padding included in
+/// the count) through chunk_fn(cache, seq, chunk_inputs, prompt_length, chunk_outputs): the
+/// driver of prefill below, shared with dms::cpu::prefill.
+template <storage_type T, class P, class ChunkFn>
+void prefill_in_chunks(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                       int chunk_size, prefill_outputs o, ChunkFn&& chunk_fn) {
   const cache_config& cfg = cache.config();
   const std::size_t qrow = std::size_t(cfg.num_query_heads()) * cfg.head_dim;
   const std::size_t krow = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
@@ -289,9 +307,19 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
     prefill_chunk_inputs chunk{part(in.q, qrow), part(in.k, krow), part(in.v, krow),
                                part(in.decision_logits, Hk),
                                std::clamp(in.padding - begin, 0, len)};
-    prefill_chunk(cache, seq, chunk, prompt_length,
-                  {part(o.out, qrow), part(o.lse, H), o.softmax_scale});
+    chunk_fn(cache, seq, chunk, prompt_length,
+             prefill_outputs{part(o.out, qrow), part(o.lse, H), o.softmax_scale});
   }
+}
+
+/// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
+template <storage_type T, class P>
+void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int chunk_size,
+             prefill_outputs o) {
+  prefill_in_chunks(
+      cache, seq, in, chunk_size, o,
+      [](paged_cache<T, P>& c, int s, const prefill_chunk_inputs& chunk, int prompt_length,
+         prefill_outputs out) { prefill_chunk(c, s, chunk, prompt_length, out); });
 }
 
 }  // namespace reference

@@ -84,6 +84,19 @@ DMS_CPU_INLINE vf select_lt(vf a, vf b, vf x, vf y) {
   return a < b ? x : y;
 }
 
+DMS_CPU_INLINE vi load_i(const std::int32_t* p) {
+  vi v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+DMS_CPU_INLINE vi set1_i(std::int32_t x) {
+  return x - vi{};
+}
+/// Lanes where lo <= t <= hi keep x, the others get y.
+DMS_CPU_INLINE vf select_within(vi lo, vi hi, vi t, vf x, vf y) {
+  return ((lo <= t) & (t <= hi)) ? x : y;
+}
+
 // ---- horizontal --------------------------------------------------------------------------
 
 DMS_CPU_INLINE float reduce_add(vf v) {
