@@ -45,6 +45,7 @@ struct prefill_case {
   int chunk = 64;    // tokens per chunk (padding included)
   int before = 0;    // tokens already in the cache (a prompt that continues one); no padding
   float flag_rate = 0.7f;
+  int window = -1;  // DMS window; -1: the prompt / 8
   float q_scale = 1.0f;
   std::uint64_t seed = 1;
 
@@ -53,8 +54,8 @@ struct prefill_case {
     os << dms_test::policy_kind_name(policy) << " " << dms_test::storage_name(st)
        << " Hk=" << kv_heads << " G=" << group << " d=" << head_dim << " page=" << page_size
        << " prompt=" << prompt << " padding=" << padding << " chunk=" << chunk
-       << " before=" << before << " flag_rate=" << flag_rate << " q_scale=" << q_scale
-       << " seed=" << seed;
+       << " before=" << before << " flag_rate=" << flag_rate << " window=" << window
+       << " q_scale=" << q_scale << " seed=" << seed;
     return os.str();
   }
 };
@@ -218,8 +219,9 @@ void run_prefill_case(const prefill_case& c, const P& policy) {
 void run(const prefill_case& c) {
   dms_test::with_storage(c.st, [&](auto t) {
     using T = decltype(t);
-    dms_test::with_policy(c.policy, c.before + c.prompt, c.page_size,
-                          [&](auto policy) { run_prefill_case<T>(c, policy); });
+    dms_test::with_policy(
+        c.policy, c.before + c.prompt, c.page_size,
+        [&](auto policy) { run_prefill_case<T>(c, policy); }, c.window);
   });
 }
 
@@ -292,6 +294,25 @@ TEST_CASE("cpu prefill == reference: GQA, head dims, DMS windows", "[cpu][prefil
       c.prompt = 400;
       c.chunk = 128;
       c.seed = 500 + std::uint64_t(rate * 10) + std::uint64_t(page);
+      run(c);
+    }
+}
+
+TEST_CASE("cpu prefill == reference: DMS deadlines at key-block and tile edges", "[cpu][prefill]") {
+  // Every token flagged, so each key's deadline is position + window: with these windows the
+  // last key of a 64-key block stops being visible at, or just after, the first query of a
+  // tile (tiles of 128 / G queries), where a block skip must not cut one query too early.
+  for (const int window : {0, 1, 2, 3, 63, 64, 65, 127})
+    for (const int g : {1, 2, 4}) {
+      prefill_case c;
+      c.policy = policy_kind::dms;
+      c.flag_rate = 1.0f;
+      c.window = window;
+      c.group = g;
+      c.kv_heads = 1;
+      c.prompt = 330;
+      c.chunk = 330;
+      c.seed = 700 + std::uint64_t(window) * 5 + std::uint64_t(g);
       run(c);
     }
 }

@@ -90,6 +90,30 @@ TEST_CASE("cpu simd: widen is exact for every bf16, fp16 and f32 input", "[cpu][
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+TEST_CASE("cpu simd: fp16 subnormals widen exactly under denormals-are-zero", "[cpu][simd]") {
+  // A caller built with -ffast-math runs with MXCSR's DAZ and FTZ bits set; the widening of the
+  // emulated levels must not lose fp16 subnormals (they become normal floats).
+  std::vector<dms::half> src;
+  for (std::uint16_t m = 1; m < 0x400; ++m) {
+    src.push_back(dms::half::from_bits(m));
+    src.push_back(dms::half::from_bits(std::uint16_t(0x8000 | m)));
+  }
+  std::vector<float> dst(src.size());
+  unsigned csr = 0;
+  __asm__ volatile("stmxcsr %0" : "=m"(csr));
+  const unsigned daz_ftz = csr | 0x8040u;
+  for (const simd_level level : dms::cpu::supported_simd_levels()) {
+    INFO("level " << dms::cpu::simd_level_name(level));
+    const auto fns = dms::cpu::detail::simd_functions_for<dms::half>(level);
+    __asm__ volatile("ldmxcsr %0" : : "m"(daz_ftz));
+    fns.widen(src.data(), int(src.size()), dst.data());
+    __asm__ volatile("ldmxcsr %0" : : "m"(csr));
+    for (std::size_t i = 0; i < src.size(); ++i) REQUIRE(bits(dst[i]) == bits(float(src[i])));
+  }
+}
+#endif
+
 TEST_CASE("cpu simd: the vector exp is within 3 ulp of std::exp and 0 below -87.33",
           "[cpu][simd]") {
   std::vector<float> x;

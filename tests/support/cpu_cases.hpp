@@ -63,15 +63,17 @@ inline const char* policy_kind_name(policy_kind k) {
   return "?";
 }
 
-/// Calls f(policy) with policy kind k, its budgets scaled to a context of `context` tokens.
+/// Calls f(policy) with policy kind k, its budgets scaled to a context of `context` tokens
+/// (DMS: window context / 8, or dms_window if given).
 template <class F>
-void with_policy(policy_kind k, int context, int page_size, F&& f) {
+void with_policy(policy_kind k, int context, int page_size, F&& f, int dms_window = -1) {
   const int budget = std::max(4, context / 3);
   switch (k) {
     case policy_kind::dense:
       return f(dms::dense_policy{});
     case policy_kind::dms:
-      return f(dms::dms_policy{{.window = std::max(1, context / 8)}});
+      return f(
+          dms::dms_policy{{.window = dms_window >= 0 ? dms_window : std::max(1, context / 8)}});
     case policy_kind::tova:
       return f(dms::tova_policy{{.budget = budget}});
     case policy_kind::tova_layer:
