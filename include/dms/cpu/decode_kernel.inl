@@ -7,15 +7,33 @@
 /// or L1 between the QK and PV passes.
 inline constexpr int decode_block_keys = 16;
 
+/// Prefetches one key and its value (null: nothing) into L2, ahead of their use.
+template <class T>
+DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
+  if (!k) return;
+  const auto* kb = reinterpret_cast<const char*>(k);
+  const auto* vb = reinterpret_cast<const char*>(v);
+  const int bytes = d * int(sizeof(T));
+  for (int off = 0; off < bytes; off += 64) {
+    DMS_CPU_PREFETCH(kb + off);
+    DMS_CPU_PREFETCH(vb + off);
+  }
+}
+
 /// s[g][j] = q_g . k_j for one block and GT heads (q already carries the softmax scale).
-/// Two accumulators per head keep enough FMAs in flight when GT is small.
+/// Two accumulators per head keep enough FMAs in flight when GT is small; each key's
+/// accumulators are summed horizontally `width` keys at a time (transpose_sums).
 template <class T, int GT>
 DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int d,
-                                 const T* const* kp, int nb,
+                                 const T* const* kp, const T* const* pf, int nb,
                                  float (*DMS_CPU_RESTRICT s)[decode_block_keys]) {
   constexpr int cw = 2 * width;
   const int nfull = d / cw, rem = d - nfull * cw;
+  vf part[GT][decode_block_keys];  // per head and key: the lanes still to be summed
   for (int j = 0; j < nb; ++j) {
+    // One future key (K and V) per key computed: the prefetches trickle out at the rate the
+    // keys are consumed instead of stalling on the miss buffers in bursts.
+    if (pf) prefetch_slot(pf[2 * j], pf[2 * j + 1], d);
     const T* k = kp[j];
     vf acc[GT], acc2[GT];
     for (int g = 0; g < GT; ++g) acc[g] = acc2[g] = zero();
@@ -37,7 +55,12 @@ DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int 
         acc2[g] = madd(load(qg + width), kb, acc2[g]);
       }
     }
-    for (int g = 0; g < GT; ++g) s[g][j] = reduce_add(acc[g] + acc2[g]);
+    for (int g = 0; g < GT; ++g) part[g][j] = acc[g] + acc2[g];
+  }
+  const int rounded = (nb + width - 1) / width * width;
+  for (int g = 0; g < GT; ++g) {
+    for (int j = nb; j < rounded; ++j) part[g][j] = zero();
+    for (int j = 0; j < rounded; j += width) transpose_sums(part[g] + j, s[g] + j);
   }
 }
 
@@ -119,12 +142,13 @@ DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
 /// One block of nb keys for heads [h0, h0 + GT) of the group.
 template <class T, int GT>
 DMS_CPU_INLINE void decode_block_tile(const ::dms::cpu::detail::decode_chunk_args<T>& a, int h0,
-                                      const T* const* kp, const T* const* vp, int nb, int done) {
+                                      const T* const* kp, const T* const* vp, const T* const* pf,
+                                      int nb, int done) {
   alignas(64) float s[GT][decode_block_keys];
   alignas(64) float p[GT][decode_block_keys];
   float corr[GT];
   const int d = a.view.head_dim;
-  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, kp, nb, s);
+  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, kp, pf, nb, s);
   if (a.logits)
     for (int g = 0; g < GT; ++g)
       std::memcpy(a.logits + std::size_t(h0 + g) * a.cap + done, s[g], sizeof(float) * nb);
@@ -134,33 +158,22 @@ DMS_CPU_INLINE void decode_block_tile(const ::dms::cpu::detail::decode_chunk_arg
 
 template <class T>
 DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>& a,
-                                 const T* const* kp, const T* const* vp, int nb, int done) {
+                                 const T* const* kp, const T* const* vp, const T* const* pf, int nb,
+                                 int done) {
   // Heads in tiles of 4, 2, 1: a tile's accumulators fit the 16 registers of AVX2; a group of
   // more than 4 heads reads the block's K/V again from L1 for each further tile.
   for (int h0 = 0; h0 < a.group;) {
     const int left = a.group - h0;
     if (left >= 4) {
-      decode_block_tile<T, 4>(a, h0, kp, vp, nb, done);
+      decode_block_tile<T, 4>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
       h0 += 4;
     } else if (left >= 2) {
-      decode_block_tile<T, 2>(a, h0, kp, vp, nb, done);
+      decode_block_tile<T, 2>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
       h0 += 2;
     } else {
-      decode_block_tile<T, 1>(a, h0, kp, vp, nb, done);
+      decode_block_tile<T, 1>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
       h0 += 1;
     }
-  }
-}
-
-/// Prefetches slot `slot` (K and V) of a page that is read later.
-template <class T>
-DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
-  const auto* kb = reinterpret_cast<const char*>(k);
-  const auto* vb = reinterpret_cast<const char*>(v);
-  const int bytes = d * int(sizeof(T));
-  for (int off = 0; off < bytes; off += 64) {
-    DMS_CPU_PREFETCH(kb + off);
-    DMS_CPU_PREFETCH(vb + off);
   }
 }
 
@@ -182,6 +195,7 @@ void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
 
   const T* kp[nblk];
   const T* vp[nblk];
+  const T* pf[2 * nblk];  // per key of the block: the key `ahead` pages later, and its value
   int nb = 0, done = 0;
   for (int i = 0; i < a.num_pages; ++i) {
     const int lp = logical_page(i);
@@ -201,20 +215,22 @@ void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
       next_count = std::min(ps, a.length - np * ps);
     }
     for (int s = 0; s < count; ++s) {
-      if (s < next_count) prefetch_slot(knext + std::size_t(s) * d, vnext + std::size_t(s) * d, d);
       if (pos[s] < 0) continue;  // a hole
+      const bool ahead_ok = s < next_count;
+      pf[2 * nb] = ahead_ok ? knext + std::size_t(s) * d : nullptr;
+      pf[2 * nb + 1] = ahead_ok ? vnext + std::size_t(s) * d : nullptr;
       kp[nb] = kpage + std::size_t(s) * d;
       vp[nb] = vpage + std::size_t(s) * d;
       if (a.slots) a.slots[done + nb] = lp * ps + s;
       if (++nb == nblk) {
-        decode_block(a, kp, vp, nb, done);
+        decode_block(a, kp, vp, pf, nb, done);
         done += nb;
         nb = 0;
       }
     }
   }
   if (nb > 0) {
-    decode_block(a, kp, vp, nb, done);
+    decode_block(a, kp, vp, pf, nb, done);
     done += nb;
   }
   *a.count = done;

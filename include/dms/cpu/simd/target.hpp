@@ -42,7 +42,7 @@
 // Small helpers that must be inlined into the kernels of whatever region they are defined in.
 #if defined(__GNUC__)
 #define DMS_CPU_INLINE inline __attribute__((always_inline))
-#define DMS_CPU_PREFETCH(p) __builtin_prefetch(p)
+#define DMS_CPU_PREFETCH(p) __builtin_prefetch(p, 0, 2)
 #define DMS_CPU_RESTRICT __restrict__
 #else
 #define DMS_CPU_INLINE inline
