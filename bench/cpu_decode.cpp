@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // dms_bench_cpu: the CPU reference decode path against the machine's read bandwidth, measured in
-// the same run. This file holds main(); other bench/cpu_*.cpp files only register benchmarks.
+// the same run. This file holds main() and the rooflines (cpu_roofline.hpp); other
+// bench/cpu_*.cpp files only register benchmarks (cpu_fast.cpp: the fast path).
 //
 //   read_roofline/...     a read-only, vectorized sum over a buffer well beyond the last-level
 //                         cache: the bytes/s one core (and all cores) can stream from memory.
@@ -37,10 +38,17 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "cpu_roofline.hpp"
 #include "dms/dms.hpp"
+
+namespace dms_bench {
+double one_core_read_roofline = 0.0;  // set in main()
+double two_core_read_roofline = 0.0;
+}  // namespace dms_bench
 
 namespace {
 
@@ -107,21 +115,28 @@ float read_sum(const float* p, std::size_t n) {
   return sum;
 }
 
-// Best of a few single-threaded passes, bytes/s. Measured once, before any benchmark runs.
-double measure_read_roofline() {
+// Best of a few passes over the whole buffer, bytes/s, on `threads` threads that each stream
+// their own slice. Measured once, before any benchmark runs.
+double measure_read_roofline(int threads) {
   const auto& buf = roofline_buffer();
+  const std::size_t n = buf.size() / std::size_t(threads);
   double best = 0.0;
   for (int pass = 0; pass < 5; ++pass) {
+    std::vector<float> sums(static_cast<std::size_t>(threads));
     const auto t0 = std::chrono::steady_clock::now();
-    float s = read_sum(buf.data(), buf.size());
-    benchmark::DoNotOptimize(s);
+    std::vector<std::thread> workers;
+    for (int t = 1; t < threads; ++t)
+      workers.emplace_back([&, t] { sums[std::size_t(t)] = read_sum(buf.data() + n * t, n); });
+    sums[0] = read_sum(buf.data(), n);
+    for (auto& w : workers) w.join();
     const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
-    best = std::max(best, double(buf.size() * sizeof(float)) / dt.count());
+    benchmark::DoNotOptimize(sums.data());
+    best = std::max(best, double(n * std::size_t(threads) * sizeof(float)) / dt.count());
   }
   return best;
 }
 
-double one_core_read_roofline = 0.0;  // bytes/s, set in main()
+using dms_bench::one_core_read_roofline;
 
 void bm_read_roofline(benchmark::State& state) {
   const auto& buf = roofline_buffer();
@@ -353,10 +368,13 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 
-  one_core_read_roofline = measure_read_roofline();
+  dms_bench::one_core_read_roofline = measure_read_roofline(1);
+  dms_bench::two_core_read_roofline = measure_read_roofline(2);
   char line[64];
-  std::snprintf(line, sizeof line, "%.4g", one_core_read_roofline);
+  std::snprintf(line, sizeof line, "%.4g", dms_bench::one_core_read_roofline);
   benchmark::AddCustomContext("one_core_read_roofline_bytes_per_s", line);
+  std::snprintf(line, sizeof line, "%.4g", dms_bench::two_core_read_roofline);
+  benchmark::AddCustomContext("two_core_read_roofline_bytes_per_s", line);
   std::snprintf(line, sizeof line, "%zu", roofline_buffer_bytes() >> 20);
   benchmark::AddCustomContext("roofline_buffer_MiB", line);
   benchmark::AddCustomContext("dms_version", std::to_string(DMS_VERSION_MAJOR) + "." +

@@ -125,10 +125,19 @@ enum class end_of_prompt { finish, defer };
 /// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt), unless
 /// `end` is defer: then the caller ends it, e.g. once every sequence of a batch has appended its
 /// last chunk (the order of the GPU's batched prefill, which hands out pages in that order).
+/// What check_prefill_chunk found: the chunk's tokens (padding included) and the new pages its
+/// appends need (to hold in a prefill_detail::chunk_reservation while they run).
+struct prefill_chunk_plan {
+  int tokens = 0;
+  int pages = 0;
+};
+
+/// Everything prefill_chunk checks before it touches the cache (shared with dms::cpu's fast
+/// prefill, so both reject the same calls with the same messages).
 template <storage_type T, class P>
-void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
-                   int prompt_length, prefill_outputs o,
-                   end_of_prompt end = end_of_prompt::finish) {
+prefill_chunk_plan check_prefill_chunk(paged_cache<T, P>& cache, int seq,
+                                       const prefill_chunk_inputs& in, int prompt_length,
+                                       const prefill_outputs& o) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
   const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
@@ -153,7 +162,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   prefill_detail::check_prompt_finite("prefill: q", in.q, H, d, in.padding, seq);
   prefill_detail::check_prompt_finite("prefill: k", in.k, Hk, d, in.padding, seq);
   prefill_detail::check_prompt_finite("prefill: v", in.v, Hk, d, in.padding, seq);
-  const float scale = softmax_scale_or_default(o.softmax_scale, d);
+  (void)softmax_scale_or_default(o.softmax_scale, d);  // rejects a negative or non-finite scale
   if constexpr (P::uses_decision_logits) {
     detail::check_size("prefill: decision_logits", in.decision_logits.size(),
                        std::size_t(tokens) * Hk);
@@ -171,8 +180,23 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
       P::uses_decision_logits ? in.decision_logits.subspan(std::size_t(in.padding) * Hk)
                               : std::span<const float>{},
       n);
-  prefill_detail::chunk_reservation<paged_cache<T, P>> reservation(cache, seq, pages);
+  return {tokens, pages};
+}
 
+template <storage_type T, class P>
+void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                   int prompt_length, prefill_outputs o,
+                   end_of_prompt end = end_of_prompt::finish) {
+  const cache_config& cfg = cache.config();
+  const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
+  const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
+  const auto [tokens, pages] = check_prefill_chunk(cache, seq, in, prompt_length, o);
+  prefill_detail::chunk_reservation<paged_cache<T, P>> reservation(cache, seq, pages);
+  auto seq_ref = cache.sequence(seq);
+  const std::int32_t t0 = seq_ref.row(0).tokens_seen();
+  const int n = tokens - in.padding;  // real tokens in the chunk
+
+  const float scale = softmax_scale_or_default(o.softmax_scale, d);
   const auto view = cache.view();
   std::fill(o.out.begin(), o.out.begin() + std::ptrdiff_t(in.padding) * qrow, 0.0f);
   if (!o.lse.empty())
@@ -282,10 +306,12 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
   if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
 }
 
-/// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
-template <storage_type T, class P>
-void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int chunk_size,
-             prefill_outputs o) {
+/// Validates a whole prompt, then runs it in chunks of `chunk_size` tokens (padding included in
+/// the count) through chunk_fn(cache, seq, chunk_inputs, prompt_length, chunk_outputs): the
+/// driver of prefill below, shared with dms::cpu::prefill.
+template <storage_type T, class P, class ChunkFn>
+void prefill_in_chunks(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
+                       int chunk_size, prefill_outputs o, ChunkFn&& chunk_fn) {
   const cache_config& cfg = cache.config();
   const std::size_t qrow = std::size_t(cfg.num_query_heads()) * cfg.head_dim;
   const std::size_t krow = std::size_t(cfg.num_kv_heads) * cfg.head_dim;
@@ -337,9 +363,19 @@ void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, 
     prefill_chunk_inputs chunk{part(in.q, qrow), part(in.k, krow), part(in.v, krow),
                                part(in.decision_logits, Hk),
                                std::clamp(in.padding - begin, 0, len)};
-    prefill_chunk(cache, seq, chunk, prompt_length,
-                  {part(o.out, qrow), part(o.lse, H), o.softmax_scale});
+    chunk_fn(cache, seq, chunk, prompt_length,
+             prefill_outputs{part(o.out, qrow), part(o.lse, H), o.softmax_scale});
   }
+}
+
+/// A whole prompt in chunks of `chunk_size` tokens (padding included in the count).
+template <storage_type T, class P>
+void prefill(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int chunk_size,
+             prefill_outputs o) {
+  prefill_in_chunks(
+      cache, seq, in, chunk_size, o,
+      [](paged_cache<T, P>& c, int s, const prefill_chunk_inputs& chunk, int prompt_length,
+         prefill_outputs out) { prefill_chunk(c, s, chunk, prompt_length, out); });
 }
 
 }  // namespace reference

@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// dms_bench_cpu, the CPU fast path (dms::cpu), against the same-run read rooflines measured by
+// main() in cpu_decode.cpp (cpu_roofline.hpp). One attention layer of 8 KV heads x G = 4
+// (32 query heads), head_dim 128, page 16, K/V stored as bf16 or f32.
+//
+//   decode_fast/<kv>/<policy>/threads:N/batch:B/context:C
+//       dms::cpu::decode_attention (the batched entry: the whole batch is one parallel job) for
+//       one decode step of B sequences with C tokens appended to every row, on a thread pool of
+//       N threads. Policies:
+//         dense   every token is live and read;
+//         dms8x   DMS with window 512; past the window, tokens survive with the probability that
+//                 makes a row hold C / 8 tokens (8x compression; at 4K a row cannot hold fewer
+//                 than the window's 513, so 4K reaches 7.98x);
+//         quest   Quest at a non-dense layer (layer 2), token budget C / 8;
+//         tova    TOVA with budget C (nothing evicted): attention over all C tokens plus the
+//                 score fold of every slot, to be read against dense at the same shape.
+//       Counters: kv_bytes_per_step (slots read, from the cache's own counter, x head_dim x 2 x
+//       sizeof(storage)), bytes_per_second, frac_of_1core_read_roofline and
+//       frac_of_2core_read_roofline (bytes_per_second over the same-run rooflines),
+//       tokens_per_s, slots_read_per_row, compression.
+//   prefill_fast/<kv>/<policy>/tokens:T
+//       dms::cpu::prefill of a whole T-token prompt in one chunk into an empty sequence, on the
+//       default thread pool: the attention, the prompt scores, the appends and compress_prompt.
+//       Policies: dense; dms (window 512, 7 of 8 tokens flagged); tova and h2o (budget T / 8:
+//       prompt scores over the last query / every causal pair, then the prompt's reduction).
+//       Counters: causal_gflops (4 x 32 heads x 128 x T (T + 1) / 2 flops of dense causal
+//       attention over wall time, the same yardstick for every policy), tokens_per_s.
+//
+// Caches are built once per shape, outside the timed loop, from a pool of distinct token vectors
+// (building 16 x 64K-token rows from fresh random numbers would take longer than measuring them).
+// A shape whose K/V would exceed DMS_BENCH_MAX_KV_GB (default 10) is skipped with a message.
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu_roofline.hpp"
+#include "dms/cpu.hpp"
+#include "dms/dms.hpp"
+
+namespace {
+
+constexpr int kv_heads = 8;
+constexpr int group_size = 4;
+constexpr int head_dim = 128;
+constexpr int page_size = 16;
+constexpr int dms_window = 512;
+constexpr int token_pool = 509;  // distinct token vectors, cycled
+
+float hash_uniform(std::uint64_t i) {
+  i += 0x9E3779B97F4A7C15ull;
+  i = (i ^ (i >> 30)) * 0xBF58476D1CE4E5B9ull;
+  i = (i ^ (i >> 27)) * 0x94D049BB133111EBull;
+  i ^= i >> 31;
+  return float(i >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+double max_kv_bytes() {
+  const char* env = std::getenv("DMS_BENCH_MAX_KV_GB");
+  return (env ? std::atof(env) : 10.0) * 1e9;
+}
+
+/// [token_pool][kv_heads][head_dim] keys, then values.
+const std::vector<float>& token_vectors() {
+  static const std::vector<float> v = [] {
+    std::vector<float> x(std::size_t(token_pool) * 2 * kv_heads * head_dim);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = hash_uniform(i);
+    return x;
+  }();
+  return v;
+}
+
+dms::cpu::thread_pool& pool(int threads) {
+  static dms::cpu::thread_pool one(1), two(2);
+  return threads == 1 ? one : two;
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+struct fixture_base {
+  virtual ~fixture_base() = default;
+};
+
+template <class T, class P>
+struct decode_fixture final : fixture_base {
+  decode_fixture(const dms::cache_config& cfg, P policy) : cache(cfg, std::move(policy)) {}
+  dms::paged_cache<T, P> cache;
+  std::vector<int> seqs;
+  std::vector<float> q, out;
+};
+
+struct fixture_slot {
+  std::string key;
+  std::unique_ptr<fixture_base> fixture;
+};
+fixture_slot& current_fixture() {
+  static fixture_slot slot;
+  return slot;
+}
+
+/// The DMS logit carried by token t (it decides token t-1): past the window, token p survives
+/// with probability keep, so a row of `context` tokens holds about context / 8.
+float dms8x_logit(std::int64_t t, int context) {
+  const double keep =
+      std::max(0.0, (context / 8.0 - (dms_window + 1)) / double(context - (dms_window + 1)));
+  if (t < 1) return -1.0f;
+  return 0.5 * (hash_uniform(std::uint64_t(t - 1) * 7919 + 13) + 1.0f) < keep ? -1.0f : 1.0f;
+}
+
+template <class T, class P>
+std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy) {
+  const int pages_per_row = (context + page_size - 1) / page_size;
+  dms::cache_config cfg;
+  cfg.num_kv_heads = kv_heads;
+  cfg.group_size = group_size;
+  cfg.head_dim = head_dim;
+  cfg.page_size = page_size;
+  cfg.max_sequences = batch;
+  cfg.max_row_slots = pages_per_row * page_size;
+  cfg.max_pages = batch * kv_heads * pages_per_row;
+  auto fx = std::make_unique<decode_fixture<T, P>>(cfg, policy);
+  const std::size_t kn = std::size_t(kv_heads) * head_dim;
+  const auto& tv = token_vectors();
+  std::vector<float> logits(kv_heads);
+  for (int s = 0; s < batch; ++s) fx->seqs.push_back(fx->cache.add_sequence());
+  for (int t = 0; t < context; ++t) {  // token-major: the sequences' pages interleave
+    std::fill(logits.begin(), logits.end(), dms8x_logit(t, context));
+    for (int s = 0; s < batch; ++s) {
+      const std::size_t at = std::size_t((t * 31 + s * 7) % token_pool) * 2 * kn;
+      fx->cache.append(fx->seqs[std::size_t(s)], std::span<const float>(tv).subspan(at, kn),
+                       std::span<const float>(tv).subspan(at + kn, kn), logits);
+    }
+  }
+  const std::size_t qn = std::size_t(kv_heads) * group_size * head_dim;
+  fx->q.resize(std::size_t(batch) * qn);
+  for (std::size_t i = 0; i < fx->q.size(); ++i) fx->q[i] = hash_uniform(~std::uint64_t{0} - i);
+  fx->out.assign(fx->q.size(), 0.0f);
+  return fx;
+}
+
+template <class T, class P>
+void bm_decode_fast(benchmark::State& state, const std::string& name, P policy) {
+  const int threads = int(state.range(0)), batch = int(state.range(1));
+  const int context = int(state.range(2));
+  const double full_kv = double(batch) * kv_heads * context * head_dim * 2.0 * sizeof(T);
+  if (full_kv > max_kv_bytes()) {
+    state.SkipWithError("K/V above DMS_BENCH_MAX_KV_GB");
+    return;
+  }
+  const std::string key = name + "/" + std::to_string(batch) + "/" + std::to_string(context);
+  auto& slot = current_fixture();
+  if (slot.key != key) {
+    slot.fixture.reset();  // one cache alive at a time
+    slot.key.clear();
+    slot.fixture = build_decode<T, P>(batch, context, policy);
+    slot.key = key;
+  }
+  auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
+  dms::cpu::executor& exec = pool(threads);
+  const std::span<const int> seqs(fx.seqs);
+  dms::cpu::decode_attention(fx.cache, seqs, fx.q, fx.out, {}, exec);  // warm the workspace
+
+  const std::int64_t reads_before = fx.cache.stats().kv_token_reads;
+  const auto started = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    dms::cpu::decode_attention(fx.cache, seqs, fx.q, fx.out, {}, exec);
+    benchmark::DoNotOptimize(fx.out.data());
+    benchmark::ClobberMemory();
+  }
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started;
+  const dms::cache_stats st = fx.cache.stats();
+  const double iterations = double(state.iterations());
+  const double rows = double(batch) * kv_heads;
+  const double slots_read = double(st.kv_token_reads - reads_before);
+  const double kv_bytes = slots_read * head_dim * 2.0 * double(sizeof(T));
+  const double bytes_per_s = kv_bytes / elapsed.count();
+  state.SetBytesProcessed(std::int64_t(kv_bytes));
+  state.counters["kv_bytes_per_step"] = kv_bytes / iterations;
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(iterations * batch, benchmark::Counter::kIsRate);
+  state.counters["frac_of_1core_read_roofline"] = bytes_per_s / dms_bench::one_core_read_roofline;
+  state.counters["frac_of_2core_read_roofline"] = bytes_per_s / dms_bench::two_core_read_roofline;
+  state.counters["slots_read_per_row"] = slots_read / iterations / rows;
+  state.counters["compression"] = st.compression_ratio;
+}
+
+template <class T>
+void register_decode_fast(const std::string& kv) {
+  const auto shapes = [](benchmark::internal::Benchmark* b, bool one_thread_too) {
+    b->ArgNames({"threads", "batch", "context"});
+    if (one_thread_too) b->ArgsProduct({{1}, {1}, {4096, 16384, 65536}});
+    b->ArgsProduct({{2}, {1, 4, 16}, {4096, 16384, 65536}})
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
+  };
+  const auto add = [&](const std::string& policy, bool one_thread_too, auto make) {
+    const std::string name = "decode_fast/" + kv + "/" + policy;
+    shapes(benchmark::RegisterBenchmark(name.c_str(),
+                                        [name, make](benchmark::State& s) {
+                                          bm_decode_fast<T>(s, name, make(int(s.range(2))));
+                                        }),
+           one_thread_too);
+  };
+  add("dense", true, [](int) { return dms::dense_policy{}; });
+  add("dms8x", false, [](int) { return dms::dms_policy{{.window = dms_window}}; });
+  add("quest", false, [](int c) { return dms::quest_policy{{.token_budget = c / 8, .layer = 2}}; });
+  add("tova", false, [](int c) { return dms::tova_policy{{.budget = c}}; });
+}
+
+// ---- prefill ---------------------------------------------------------------------------------
+
+struct prompt {
+  std::vector<float> q, k, v, logits;
+};
+
+const prompt& prompt_for(int tokens) {
+  static int cached = -1;
+  static prompt p;
+  if (cached != tokens) {
+    const std::size_t qn = std::size_t(kv_heads) * group_size * head_dim;
+    const std::size_t kn = std::size_t(kv_heads) * head_dim;
+    p.q.resize(std::size_t(tokens) * qn);
+    p.k.resize(std::size_t(tokens) * kn);
+    p.v.resize(std::size_t(tokens) * kn);
+    p.logits.resize(std::size_t(tokens) * kv_heads);
+    for (std::size_t i = 0; i < p.q.size(); ++i) p.q[i] = hash_uniform(3 * i);
+    for (std::size_t i = 0; i < p.k.size(); ++i) {
+      p.k[i] = hash_uniform(3 * i + 1);
+      p.v[i] = hash_uniform(3 * i + 2);
+    }
+    for (int t = 0; t < tokens; ++t)  // the logit of token t flags t-1: 7 of every 8 flagged
+      std::fill_n(p.logits.begin() + std::ptrdiff_t(t) * kv_heads, kv_heads,
+                  (t >= 1 && (t - 1) % 8 == 0) ? -1.0f : 1.0f);
+    cached = tokens;
+  }
+  return p;
+}
+
+template <class T, class P>
+void bm_prefill_fast(benchmark::State& state, P policy) {
+  const int tokens = int(state.range(0));
+  const int pages_per_row = (tokens + page_size - 1) / page_size;
+  dms::cache_config cfg;
+  cfg.num_kv_heads = kv_heads;
+  cfg.group_size = group_size;
+  cfg.head_dim = head_dim;
+  cfg.page_size = page_size;
+  cfg.max_sequences = 1;
+  cfg.max_row_slots = pages_per_row * page_size;
+  cfg.max_pages = kv_heads * pages_per_row;
+  dms::paged_cache<T, P> cache(cfg, std::move(policy));
+  const prompt& p = prompt_for(tokens);
+  std::vector<float> out(p.q.size());
+  for (auto _ : state) {
+    state.PauseTiming();
+    const int seq = cache.add_sequence();
+    state.ResumeTiming();
+    dms::cpu::prefill(cache, seq, {p.q, p.k, p.v, p.logits}, tokens, {out});
+    benchmark::DoNotOptimize(out.data());
+    state.PauseTiming();
+    cache.remove_sequence(seq);
+    state.ResumeTiming();
+  }
+  const double flops = 4.0 * kv_heads * group_size * head_dim * double(tokens) * (tokens + 1) / 2;
+  state.counters["causal_gflops"] =
+      benchmark::Counter(flops * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(double(tokens) * double(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+template <class T>
+void register_prefill_fast(const std::string& kv, bool scores_too) {
+  const auto add = [&](const std::string& policy, std::vector<std::int64_t> sizes, auto make) {
+    const std::string name = "prefill_fast/" + kv + "/" + policy;
+    auto* b = benchmark::RegisterBenchmark(name.c_str(), [make](benchmark::State& s) {
+      bm_prefill_fast<T>(s, make(int(s.range(0))));
+    });
+    b->ArgNames({"tokens"})->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (const std::int64_t t : sizes) b->Args({t});
+  };
+  add("dense", {1024, 4096, 16384}, [](int) { return dms::dense_policy{}; });
+  add("dms", {1024, 4096, 16384}, [](int) { return dms::dms_policy{{.window = dms_window}}; });
+  if (!scores_too) return;
+  add("tova", {1024, 4096}, [](int t) { return dms::tova_policy{{.budget = t / 8}}; });
+  add("h2o", {1024, 4096},
+      [](int t) { return dms::h2o_policy{{.budget = t / 8, .recent = t / 16}}; });
+}
+
+// Registered before main() runs (which then only adds the rooflines and the reference's).
+const bool registered = [] {
+  register_decode_fast<dms::bfloat16>("bf16");
+  register_decode_fast<float>("f32");
+  register_prefill_fast<dms::bfloat16>("bf16", true);
+  register_prefill_fast<float>("f32", false);
+  return true;
+}();
+
+}  // namespace

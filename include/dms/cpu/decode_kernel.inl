@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fragment, no include guard: the decode kernel of one SIMD level, included by
+// dms/cpu/decode_kernel.hpp into each level's namespace and target region, after that level's
+// primitives (simd/ops.inl). See decode_kernel.hpp for what the kernel computes.
+
+/// Keys per block: one page at the default page size; the logits of a block stay in registers
+/// or L1 between the QK and PV passes.
+inline constexpr int decode_block_keys = 16;
+
+/// Prefetches one key and its value (null: nothing) into L2, ahead of their use.
+template <class T>
+DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
+  if (!k) return;
+  const auto* kb = reinterpret_cast<const char*>(k);
+  const auto* vb = reinterpret_cast<const char*>(v);
+  const int bytes = d * int(sizeof(T));
+  for (int off = 0; off < bytes; off += 64) {
+    DMS_CPU_PREFETCH(kb + off);
+    DMS_CPU_PREFETCH(vb + off);
+  }
+}
+
+/// s[g][j] = q_g . k_j for one block and GT heads (q already carries the softmax scale).
+/// Two accumulators per head keep enough FMAs in flight when GT is small; each key's
+/// accumulators are summed horizontally `width` keys at a time (transpose_sums).
+template <class T, int GT>
+DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int d,
+                                 const T* const* kp, const T* const* pf, int nb,
+                                 float (*DMS_CPU_RESTRICT s)[decode_block_keys]) {
+  constexpr int cw = 2 * width;
+  const int nfull = d / cw, rem = d - nfull * cw;
+  vf part[GT][decode_block_keys];  // per head and key: the lanes still to be summed
+  for (int j = 0; j < nb; ++j) {
+    // One future key (K and V) per key computed: the prefetches trickle out at the rate the
+    // keys are consumed instead of stalling on the miss buffers in bursts.
+    if (pf) prefetch_slot(pf[2 * j], pf[2 * j + 1], d);
+    const T* k = kp[j];
+    vf acc[GT], acc2[GT];
+    for (int g = 0; g < GT; ++g) acc[g] = acc2[g] = zero();
+    for (int c = 0; c < nfull; ++c) {
+      vf ka, kb;
+      load_pair(k + c * cw, ka, kb);
+      for (int g = 0; g < GT; ++g) {
+        const float* qg = q + std::size_t(g) * dpad + c * cw;
+        acc[g] = madd(load(qg), ka, acc[g]);
+        acc2[g] = madd(load(qg + width), kb, acc2[g]);
+      }
+    }
+    if (rem) {
+      vf ka, kb;
+      load_pair_partial(k + nfull * cw, rem, ka, kb);
+      for (int g = 0; g < GT; ++g) {
+        const float* qg = q + std::size_t(g) * dpad + nfull * cw;
+        acc[g] = madd(load(qg), ka, acc[g]);
+        acc2[g] = madd(load(qg + width), kb, acc2[g]);
+      }
+    }
+    for (int g = 0; g < GT; ++g) part[g][j] = acc[g] + acc2[g];
+  }
+  const int rounded = (nb + width - 1) / width * width;
+  for (int g = 0; g < GT; ++g) {
+    for (int j = nb; j < rounded; ++j) part[g][j] = zero();
+    for (int j = 0; j < rounded; j += width) transpose_sums(part[g] + j, s[g] + j);
+  }
+}
+
+/// Online softmax over one block: updates the running max m and sum l of GT heads, writes
+/// p = exp(s - m_new) (0 for the padding lanes j >= nb) and the factor corr = exp(m_old - m_new)
+/// by which the accumulated output must shrink.
+template <int GT>
+DMS_CPU_INLINE void block_softmax(float (*DMS_CPU_RESTRICT s)[decode_block_keys], int nb,
+                                  float* DMS_CPU_RESTRICT m, float* DMS_CPU_RESTRICT l,
+                                  float* DMS_CPU_RESTRICT corr,
+                                  float (*DMS_CPU_RESTRICT p)[decode_block_keys]) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < GT; ++g) {
+    for (int j = nb; j < decode_block_keys; ++j) s[g][j] = neg_inf;
+    vf mx = load(s[g]);
+    for (int j = width; j < decode_block_keys; j += width) mx = vmax(mx, load(s[g] + j));
+    const float block_max = reduce_max(mx);
+    const float m_old = m[g];
+    const float m_new = block_max > m_old ? block_max : m_old;
+    // Most blocks leave the max where it was: no exp, and a factor of exactly 1.
+    corr[g] = m_new > m_old ? std::exp(m_old - m_new) : 1.0f;
+    const vf shift = set1(m_new);
+    vf sum = zero();
+    for (int j = 0; j < decode_block_keys; j += width) {
+      const vf e = exp(load(s[g] + j) - shift);
+      store(p[g] + j, e);
+      sum += e;
+    }
+    l[g] = l[g] * corr[g] + reduce_add(sum);
+    m[g] = m_new;
+  }
+}
+
+/// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads, chunk by chunk of 2 * width
+/// channels, so that the 2 * GT accumulators of a chunk stay in registers across the block.
+template <class T, int GT>
+DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
+                                 float (*DMS_CPU_RESTRICT p)[decode_block_keys],
+                                 const float* DMS_CPU_RESTRICT corr, float* DMS_CPU_RESTRICT acc) {
+  constexpr int cw = 2 * width;
+  const int nfull = d / cw, rem = d - nfull * cw;
+  for (int c = 0; c < nfull + (rem ? 1 : 0); ++c) {
+    vf oa[GT], ob[GT];
+    for (int g = 0; g < GT; ++g) {
+      const float* o = acc + std::size_t(g) * dpad + c * cw;
+      const vf cg = set1(corr[g]);
+      oa[g] = load(o) * cg;
+      ob[g] = load(o + width) * cg;
+    }
+    if (c < nfull) {
+      for (int j = 0; j < nb; ++j) {
+        vf va, vb;
+        load_pair(vp[j] + c * cw, va, vb);
+        for (int g = 0; g < GT; ++g) {
+          const vf pj = set1(p[g][j]);
+          oa[g] = madd(pj, va, oa[g]);
+          ob[g] = madd(pj, vb, ob[g]);
+        }
+      }
+    } else {
+      for (int j = 0; j < nb; ++j) {
+        vf va, vb;
+        load_pair_partial(vp[j] + c * cw, rem, va, vb);
+        for (int g = 0; g < GT; ++g) {
+          const vf pj = set1(p[g][j]);
+          oa[g] = madd(pj, va, oa[g]);
+          ob[g] = madd(pj, vb, ob[g]);
+        }
+      }
+    }
+    for (int g = 0; g < GT; ++g) {
+      float* o = acc + std::size_t(g) * dpad + c * cw;
+      store(o, oa[g]);
+      store(o + width, ob[g]);
+    }
+  }
+}
+
+/// One block of nb keys for heads [h0, h0 + GT) of the group.
+template <class T, int GT>
+DMS_CPU_INLINE void decode_block_tile(const ::dms::cpu::detail::decode_chunk_args<T>& a, int h0,
+                                      const T* const* kp, const T* const* vp, const T* const* pf,
+                                      int nb, int done) {
+  alignas(64) float s[GT][decode_block_keys];
+  alignas(64) float p[GT][decode_block_keys];
+  float corr[GT];
+  const int d = a.view.head_dim;
+  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, kp, pf, nb, s);
+  if (a.logits)
+    for (int g = 0; g < GT; ++g)
+      std::memcpy(a.logits + std::size_t(h0 + g) * a.cap + done, s[g], sizeof(float) * nb);
+  block_softmax<GT>(s, nb, a.m + h0, a.l + h0, corr, p);
+  block_values<T, GT>(vp, nb, a.dpad, d, p, corr, a.acc + std::size_t(h0) * a.dpad);
+}
+
+template <class T>
+DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>& a,
+                                 const T* const* kp, const T* const* vp, const T* const* pf, int nb,
+                                 int done) {
+  // Heads in tiles of 4, 2, 1: a tile's accumulators fit the 16 registers of AVX2; a group of
+  // more than 4 heads reads the block's K/V again from L1 for each further tile.
+  for (int h0 = 0; h0 < a.group;) {
+    const int left = a.group - h0;
+    if (left >= 4) {
+      decode_block_tile<T, 4>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      h0 += 4;
+    } else if (left >= 2) {
+      decode_block_tile<T, 2>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      h0 += 2;
+    } else {
+      decode_block_tile<T, 1>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      h0 += 1;
+    }
+  }
+}
+
+/// One work item: the pages [first, first + num_pages) of a row's read list, block by block.
+template <class T>
+void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
+  constexpr int nblk = decode_block_keys;
+  const auto& vw = a.view;
+  const int ps = vw.page_size, d = vw.head_dim;
+  for (int g = 0; g < a.group; ++g) {
+    a.m[g] = -std::numeric_limits<float>::infinity();
+    a.l[g] = 0.0f;
+  }
+  std::fill(a.acc, a.acc + std::size_t(a.group) * a.dpad, 0.0f);
+
+  const auto logical_page = [&](int i) { return a.pages ? a.pages[i] : a.first_page + i; };
+  // Prefetch runs this many pages ahead (at least two blocks of keys).
+  const int ahead = std::max(1, (2 * nblk + ps - 1) / ps);
+
+  const T* kp[nblk];
+  const T* vp[nblk];
+  const T* pf[2 * nblk];  // per key of the block: the key `ahead` pages later, and its value
+  int nb = 0, done = 0;
+  for (int i = 0; i < a.num_pages; ++i) {
+    const int lp = logical_page(i);
+    const std::int64_t base = std::int64_t(vw.page(a.row, lp)) * ps;
+    const int count = std::min(ps, a.length - lp * ps);
+    const std::int32_t* pos = vw.position + base;
+    const T* kpage = vw.k + base * d;
+    const T* vpage = vw.v + base * d;
+    const T* knext = nullptr;
+    const T* vnext = nullptr;
+    int next_count = 0;
+    if (i + ahead < a.num_pages) {
+      const int np = logical_page(i + ahead);
+      const std::int64_t nbase = std::int64_t(vw.page(a.row, np)) * ps;
+      knext = vw.k + nbase * d;
+      vnext = vw.v + nbase * d;
+      next_count = std::min(ps, a.length - np * ps);
+    }
+    for (int s = 0; s < count; ++s) {
+      if (pos[s] < 0) continue;  // a hole
+      const bool ahead_ok = s < next_count;
+      pf[2 * nb] = ahead_ok ? knext + std::size_t(s) * d : nullptr;
+      pf[2 * nb + 1] = ahead_ok ? vnext + std::size_t(s) * d : nullptr;
+      kp[nb] = kpage + std::size_t(s) * d;
+      vp[nb] = vpage + std::size_t(s) * d;
+      if (a.slots) a.slots[done + nb] = lp * ps + s;
+      if (++nb == nblk) {
+        decode_block(a, kp, vp, pf, nb, done);
+        done += nb;
+        nb = 0;
+      }
+    }
+  }
+  if (nb > 0) {
+    decode_block(a, kp, vp, pf, nb, done);
+    done += nb;
+  }
+  *a.count = done;
+}
+
+/// out[j] = sum_g exp(logits[g][j] - lse[g]) for j < n: a key's probability summed over the
+/// group, which is what TOVA and H2O fold into its score.
+inline void group_probability(const float* DMS_CPU_RESTRICT logits, int cap, int n, int group,
+                              const float* DMS_CPU_RESTRICT lse,
+                              float* DMS_CPU_RESTRICT out) noexcept {
+  int j = 0;
+  for (; j + width <= n; j += width) {
+    vf sum = zero();
+    for (int g = 0; g < group; ++g)
+      sum += exp(load(logits + std::size_t(g) * cap + j) - set1(lse[g]));
+    store(out + j, sum);
+  }
+  if (j < n) {  // the tail, one padded vector per head
+    alignas(64) float x[width], y[width];
+    vf sum = zero();
+    for (int g = 0; g < group; ++g) {
+      for (int t = 0; t < width; ++t)
+        x[t] = j + t < n ? logits[std::size_t(g) * cap + j + t] - lse[g] : 0.0f;
+      sum += exp(load(x));
+    }
+    store(y, sum);
+    std::memcpy(out + j, y, sizeof(float) * std::size_t(n - j));
+  }
+}
+
+/// out[j] = exp(logits[j] - lse) for j < n: one head's probabilities.
+inline void head_probability(const float* DMS_CPU_RESTRICT logits, int n, float lse,
+                             float* DMS_CPU_RESTRICT out) noexcept {
+  int j = 0;
+  for (; j + width <= n; j += width) store(out + j, exp(load(logits + j) - set1(lse)));
+  if (j < n) {
+    alignas(64) float x[width], y[width];
+    for (int t = 0; t < width; ++t) x[t] = j + t < n ? logits[j + t] - lse : 0.0f;
+    store(y, exp(load(x)));
+    std::memcpy(out + j, y, sizeof(float) * std::size_t(n - j));
+  }
+}

@@ -1,0 +1,32 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// SIMD level "avx512": 16 lanes, compiled for AVX-512 F/BW/VL/DQ (+ FMA, F16C) whatever the
+// translation unit's flags. The primitives live in namespace dms::cpu::simd::avx512 (see ops.inl);
+// the kernels are added to the same namespace by the kernel headers.
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "dms/config.hpp"
+#include "dms/cpu/simd/target.hpp"
+#include "dms/numeric.hpp"
+
+#if DMS_CPU_HAS_X86_TARGETS
+DMS_CPU_DIAGNOSTICS_BEGIN
+DMS_CPU_TARGET_AVX512_BEGIN
+DMS_NAMESPACE_BEGIN
+namespace cpu::simd::avx512 {
+#define DMS_CPU_W 16
+#define DMS_CPU_ISA 3
+#include "dms/cpu/simd/ops.inl"
+#undef DMS_CPU_ISA
+#undef DMS_CPU_W
+}  // namespace cpu::simd::avx512
+DMS_NAMESPACE_END
+DMS_CPU_TARGET_END
+DMS_CPU_DIAGNOSTICS_END
+#endif  // DMS_CPU_HAS_X86_TARGETS
