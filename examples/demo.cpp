@@ -7,6 +7,10 @@
 // prints one table: policy, accuracy, memory compression, KV reads, tokens/s.
 //
 //   dms_demo [--ratio R] [--sequences N] [--first N] [--storage f32|bf16|f16] [--batch N]
+//            [--threads N] [--reference]
+//
+// Attention runs on the library's fast CPU path (dms::cpu); --reference runs the same on the
+// dms::reference oracle instead (same answers, slower).
 //
 // Everything it needs is compiled in (examples/mqar/model/, embedded by examples/mqar/
 // CMakeLists.txt): no download, no path, no flag. DMS runs the DMS-retrofitted checkpoint when
@@ -31,6 +35,8 @@ int main(int argc, char** argv) {
     o.first = f.integer("--first", 0, 0, 1 << 20);
     o.storage = mqar::parse_storage(f.text("--storage", "bf16"));
     o.batch = f.integer("--batch", 16, 1, 1 << 16);
+    o.threads = f.integer("--threads", 0, 0, 1024);
+    if (f.has("--reference")) o.backend = mqar::attention_backend::reference;
     f.done();
     if (!(ratio >= 1.0)) dms::detail::fail("--ratio = ", ratio, " is below 1");
 

@@ -107,6 +107,8 @@ inline void read_run_flags(flags& f, run_options& o) {
   o.chunk = f.integer("--chunk", o.chunk, 1, 1 << 20);
   o.page_size = f.integer("--page-size", o.page_size, 1, 4096);
   o.max_pages = f.integer("--max-pages", o.max_pages, 0, 1 << 30);
+  o.threads = f.integer("--threads", o.threads, 0, 1024);
+  if (f.has("--reference")) o.backend = attention_backend::reference;
 }
 
 // ---- the table ----------------------------------------------------------------------------

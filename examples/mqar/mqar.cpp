@@ -7,12 +7,14 @@
 //            [--window N] [--tova-ranking per_kv_head|layer_average] [--h2o-recent N]
 //            [--quest-dense-layers N] [--sinks N] [--snapkv-window N] [--snapkv-kernel N]
 //            [--snapkv-pooling max|avg] [--storage f32|bf16|f16] [--first N] [--count N]
-//            [--batch N] [--chunk N] [--page-size N] [--max-pages N] [--json FILE]
+//            [--batch N] [--chunk N] [--page-size N] [--max-pages N] [--threads N]
+//            [--reference] [--json FILE]
 //
 // --model and --eval take a file, or the name of an embedded one (the default:
 // dense.safetensors and eval.safetensors, see examples/mqar/model/). --ratio R gives the
 // training-free policies the per-row budget that reaches memory compression R (Quest: the
-// tokens it reads); DMS's compression is the checkpoint's own.
+// tokens it reads); DMS's compression is the checkpoint's own. Attention runs on dms::cpu (the
+// fast path; --threads sizes its pool) unless --reference picks the dms::reference oracle.
 
 #include <cstdio>
 #include <exception>

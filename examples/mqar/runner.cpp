@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <span>
 #include <type_traits>
 #include <utility>
 
+#include "dms/cpu.hpp"
 #include "dms/dms.hpp"
 
 namespace mqar {
@@ -129,8 +131,11 @@ decltype(auto) with_storage_type(kv_storage s, F&& f) {
 template <dms::storage_type T, class P>
 class engine {
  public:
-  engine(const model_weights& m, const policy_options& po, const dms::cache_config& cfg)
-      : m_(m), cfg_(cfg) {
+  engine(const model_weights& m, const policy_options& po, const dms::cache_config& cfg,
+         const run_options& o)
+      : m_(m), cfg_(cfg), backend_(o.backend) {
+    if (o.threads > 0) pool_ = std::make_unique<dms::cpu::thread_pool>(o.threads);
+    exec_ = pool_ ? pool_.get() : &dms::cpu::default_executor();
     for (int l = 0; l < m.cfg.n_layers; ++l) caches_.emplace_back(cfg, make_policy<P>(po, l, m));
     // The decision channel is read (and zeroed) for a DMS policy, and always for a retrofitted
     // checkpoint, whose attention was trained without that channel.
@@ -172,6 +177,14 @@ class engine {
       pos[std::size_t(i)] = caches_[0].row(seqs[std::size_t(i)], 0).tokens_seen();
     for (int l = 0; l < layers(); ++l) {
       project(l, B, pos.data());
+      if (backend_ == attention_backend::fast) {
+        // The whole batch as one parallel job.
+        const std::span<const float> lg =
+            P::uses_decision_logits ? std::span<const float>(logit_) : std::span<const float>{};
+        dms::cpu::decode_step(cache(l), seqs, q_, k_, v_, lg, out_, {}, *exec_);
+        finish_layer(l, B);
+        continue;
+      }
       for (int i = 0; i < B; ++i) {
         const auto q = span_of(q_, i, c.q_dim()), out = span_of(out_, i, c.q_dim());
         const auto k = span_of(k_, i, c.kv_dim()), v = span_of(v_, i, c.kv_dim());
@@ -258,7 +271,11 @@ class engine {
           .v = v_,
           .decision_logits =
               P::uses_decision_logits ? std::span<const float>(logit_) : std::span<const float>{}};
-      dms::reference::prefill_chunk(cache(l), seq, in, prompt_length, {.out = out_});
+      if (backend_ == attention_backend::fast)
+        dms::cpu::prefill_chunk(cache(l), seq, in, prompt_length, {.out = out_},
+                                dms::reference::end_of_prompt::finish, *exec_);
+      else
+        dms::reference::prefill_chunk(cache(l), seq, in, prompt_length, {.out = out_});
       finish_layer(l, n);
     }
     if (logits)
@@ -269,6 +286,9 @@ class engine {
 
   const model_weights& m_;
   dms::cache_config cfg_;
+  attention_backend backend_;
+  std::unique_ptr<dms::cpu::thread_pool> pool_;
+  dms::cpu::executor* exec_ = nullptr;
   std::vector<dms::paged_cache<T, P>> caches_;
   bool readout_ = false;
   dms::decision_readout readout_params_{};
@@ -304,7 +324,7 @@ run_result evaluate_as(const model_weights& m, const eval_set& e, const policy_o
   const int P_len = e.prompt_length(), T = e.length, V = m.cfg.vocab;
   // The last token of a sequence is the last answer: it is scored, never fed.
   const int fed = T - 1;
-  engine<S, P> eng(m, po, cache_config_for(m, fed, o));
+  engine<S, P> eng(m, po, cache_config_for(m, fed, o), o);
   run_result r;
   r.policy = eng.cache(0).policy().name();
   std::vector<char> is_answer(std::size_t(T), 0);
@@ -381,7 +401,7 @@ std::vector<float> sequence_logits(const model_weights& m, const std::vector<int
       using P = typename decltype(pt)::type;
       run_options one = o;
       one.batch = 1;
-      engine<S, P> eng(m, p, cache_config_for(m, T, one));
+      engine<S, P> eng(m, p, cache_config_for(m, T, one), one);
       const int V = m.cfg.vocab;
       std::vector<float> logits(std::size_t(T) * V);
       const int id = eng.add_sequence();

@@ -49,12 +49,14 @@ enum class kv_storage { f32, bf16, f16 };
 const char* storage_label(kv_storage s);
 kv_storage parse_storage(std::string_view name);
 
-/// Which attention implementation the caches are read by.
-enum class attention_backend { reference };
+/// Which attention implementation reads the caches: dms::cpu (SIMD, threaded) or the
+/// dms::reference oracle.
+enum class attention_backend { fast, reference };
 
 struct run_options {
   kv_storage storage = kv_storage::f32;
-  attention_backend backend = attention_backend::reference;
+  attention_backend backend = attention_backend::fast;
+  int threads = 0;     // fast path: 0 = the default pool (DMS_CPU_THREADS or every core)
   int first = 0;       // sequences [first, first + count) of the evaluation set
   int count = -1;      // -1 = to the end
   int batch = 16;      // sequences held (and decoded) concurrently

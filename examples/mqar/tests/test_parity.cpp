@@ -51,9 +51,11 @@ TEST_CASE("dense logits equal the PyTorch model's within 1e-4", "[model][parity]
 
   // Chunks of 100 cross page (16) and chunk boundaries at odd places; then 32 decode steps.
   const int chunk = GENERATE(100, 513);
+  const auto backend = GENERATE(mqar::attention_backend::fast, mqar::attention_backend::reference);
   mqar::policy_options p;  // dense
   mqar::run_options o;
   o.chunk = chunk;
+  o.backend = backend;
   float worst = 0;
   for (int s = 0; s < S; ++s) {
     const std::vector<int> seq(tokens.begin() + std::ptrdiff_t(s) * T,
@@ -66,7 +68,9 @@ TEST_CASE("dense logits equal the PyTorch model's within 1e-4", "[model][parity]
         worst = std::max(worst, std::abs(a - b));
       }
   }
-  INFO("chunk " << chunk << ": largest |C++ - torch| logit difference " << worst);
+  INFO("chunk " << chunk << ", "
+                << (backend == mqar::attention_backend::fast ? "fast" : "reference")
+                << " attention: largest |C++ - torch| logit difference " << worst);
   CHECK(worst <= 1e-4f);
 }
 
@@ -79,6 +83,7 @@ TEST_CASE("dense accuracy on the CI subset equals the Python evaluation's", "[mo
   mqar::policy_options p;
   mqar::run_options o;
   o.count = n;
+  o.backend = GENERATE(mqar::attention_backend::fast, mqar::attention_backend::reference);
   const mqar::run_result r = mqar::evaluate(dense(), evaluation(), p, o);
   CHECK(r.answers == n * evaluation().queries());
   CHECK(r.correct == expected);
