@@ -91,10 +91,14 @@ std::size_t roofline_buffer_bytes() {
   return std::max(step, (2 * llc + step - 1) / step * step);
 }
 
-const std::vector<float>& roofline_buffer() {
+// The page pool's allocator (huge pages where the OS gives them), so that the roofline reads
+// memory mapped the way the K/V it is compared with are.
+using roofline_vector = std::vector<float, dms::page_memory_allocator<float>>;
+
+const roofline_vector& roofline_buffer() {
   // Written, not just allocated: untouched pages would all map to the shared zero page.
-  static const std::vector<float> buf = [] {
-    std::vector<float> b(roofline_buffer_bytes() / sizeof(float));
+  static const roofline_vector buf = [] {
+    roofline_vector b(roofline_buffer_bytes() / sizeof(float));
     for (std::size_t i = 0; i < b.size(); ++i) b[i] = float(i & 1023) * 0.25f;
     return b;
   }();

@@ -25,6 +25,7 @@
 #include "dms/cache_config.hpp"
 #include "dms/error.hpp"
 #include "dms/numeric.hpp"
+#include "dms/page_memory.hpp"
 #include "dms/sync.hpp"
 
 DMS_NAMESPACE_BEGIN
@@ -148,8 +149,8 @@ class page_pool {
   int page_size_;
   int head_dim_;
   int max_pages_;
-  std::vector<T> k_;
-  std::vector<T> v_;
+  std::vector<T, page_memory_allocator<T>> k_;  // huge pages where the OS gives them
+  std::vector<T, page_memory_allocator<T>> v_;
   std::vector<std::int32_t> position_;
   std::vector<float> score_;
   std::vector<float> page_min_;
