@@ -81,6 +81,19 @@ class Layer(nn.Module):
         self.w_gate = nn.Linear(c.d_model, c.mlp_hidden, bias=False)
         self.w_up = nn.Linear(c.d_model, c.mlp_hidden, bias=False)
         self.w_down = nn.Linear(c.mlp_hidden, c.d_model, bias=False)
+        # During a DMS retrofit, the decision rows of wq (the last channel of the first query head
+        # of each group) live here as their own parameter, so the optimizer can give them their
+        # own learning rate (a logit is 100 x that channel). fold_decision() writes them back.
+        self.decision = None  # [n_kv_heads, d_model] or None
+
+    def fold_decision(self):
+        if self.decision is None:
+            return
+        c, G = self.c, self.c.n_heads // self.c.n_kv_heads
+        with torch.no_grad():
+            for g in range(c.n_kv_heads):
+                self.wq.weight[(g * G + 1) * c.head_dim - 1] = self.decision[g]
+        self.decision = None
 
     def forward(self, x, cos, sin, dms: DmsMode = None):
         c = self.c
@@ -93,7 +106,8 @@ class Layer(nn.Module):
         logit = None
         if dms is not None:
             first = torch.arange(c.n_kv_heads) * G  # the first query head of each group
-            logit = dms.scale * q[:, :, first, c.head_dim - 1] - dms.offset  # [B, T, Hk]
+            channel = q[:, :, first, c.head_dim - 1] if self.decision is None else h @ self.decision.t()
+            logit = dms.scale * channel - dms.offset  # [B, T, Hk]
             keep = torch.ones(c.n_heads, c.head_dim)
             keep[first, c.head_dim - 1] = 0.0  # zeroed before and after RoPE
             q = q * keep
