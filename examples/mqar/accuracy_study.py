@@ -32,20 +32,31 @@ RATIOS = (2, 4, 8)
 PAGE = 16
 
 
+def shown(cmd):
+    """The command as the docs show it: paths relative to the repository root."""
+    return " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
+
+
 def run(args, binary, extra, label):
     """One dms_mqar run; returns its JSON record (the runner appends one line per policy)."""
     out = os.path.join(args.work, f"{label}.jsonl")
-    if os.path.exists(out):
-        os.remove(out)
     cmd = [binary, "--json", out, "--storage", args.storage] + extra
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"error": (p.stderr or p.stdout).strip(), "label": label, "cmd": cmd}
+    if not (args.reuse and os.path.exists(out) and os.path.getsize(out) > 0):  # --reuse: keep a measured cell
+        if os.path.exists(out):
+            os.remove(out)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"error": (p.stderr or p.stdout).strip(), "label": label, "cmd": shown(cmd)}
     with open(out) as f:
         rec = json.loads(f.readline())
     rec["label"] = label
-    rec["cmd"] = " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd[0:1]) + " " + " ".join(cmd[1:]).replace(args.work + "/", "")
+    for key in ("model", "eval"):  # the runner reports the files it read; the docs show them relative
+        if isinstance(rec.get(key), str) and os.path.isabs(rec[key]):
+            rec[key] = os.path.relpath(rec[key], ROOT)
+    rec["cmd"] = shown(cmd)
     print(f"  {label:<28} acc {rec['accuracy']:.4f} +- {rec['stderr']:.4f}  memCR {rec['memory_cr']:.3f}  "
           f"reads {rec['kv_reads']}  ({time.time() - t:.0f} s)", flush=True)
     return rec
@@ -63,6 +74,8 @@ def main():
     ap.add_argument("--work", default=os.path.join(ROOT, "build", "accuracy_study"), help="scratch folder")
     ap.add_argument("--docs", default=os.path.join(ROOT, "docs"))
     ap.add_argument("--skip-hyperscaling", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="dms_mqar --threads (0: its default pool)")
+    ap.add_argument("--reuse", action="store_true", help="keep the cells already in --work")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     binary = os.path.abspath(args.bin)
@@ -116,7 +129,7 @@ def main():
 
 def hyperscaling(args, binary, common):
     """The largest concurrent batch that fits a fixed page budget, found by trying batches
-    downward from an estimate, and the throughput at that batch."""
+    up and down from an estimate (each try decodes the whole set), and the throughput at it."""
     pages = 16 * 2 * 34  # the pool of each layer: what 16 dense sequences need (2 KV heads x 34 pages)
     out = []
     for name, label in [("dense.safetensors", "dense"), ("dms_cr4.safetensors", "DMS 4x"), ("dms_cr8.safetensors", "DMS 8x")]:
@@ -124,15 +137,23 @@ def hyperscaling(args, binary, common):
         probe = run(args, binary, common + ["--model", model(name), "--policy", pol, "--batch", "16"], f"hs_probe_{pol}_{name}")
         # Peak pages per sequence per layer, from the mean peak slots per row (2 rows per layer).
         per_seq = 2 * math.ceil(probe["mean_peak_slots"] / PAGE)
-        batch = max(1, pages // per_seq + 8)
-        while batch >= 1:
-            rec = run(args, binary, common + ["--model", model(name), "--policy", pol, "--batch", str(batch),
-                                              "--max-pages", str(pages)], f"hs_{pol}_{name}_b{batch}")
-            if "error" not in rec:
+        # From an estimate, up while it fits, then down until it fits: the largest batch that fits.
+        def attempt(b):
+            r = run(args, binary, common + ["--model", model(name), "--policy", pol, "--batch", str(b),
+                                            "--max-pages", str(pages)], f"hs_{pol}_{name}_b{b}")
+            if "error" in r and "exhausted" not in r["error"]:
+                raise SystemExit(r["error"])
+            return None if "error" in r else r
+        batch = max(1, pages // per_seq)
+        rec = attempt(batch)
+        while rec is not None:
+            bigger = attempt(batch + 1)
+            if bigger is None:
                 break
-            if "exhausted" not in rec["error"]:
-                raise SystemExit(rec["error"])
-            batch -= max(1, batch // 16)
+            batch, rec = batch + 1, bigger
+        while rec is None and batch > 1:
+            batch -= 1
+            rec = attempt(batch)
         rec.update(group="hyperscaling", policy_key=label, pages_per_layer=pages, concurrent=batch,
                    answers_per_s=rec["answers"] / rec["seconds"])
         out.append(rec)
@@ -196,11 +217,14 @@ def plot(results, dense, path):
                     capsize=3, label=k + (" (read CR)" if k == "Quest" else ""), linewidth=2 if k == "DMS" else 1)
     ax.axhline(dense["accuracy"], color="gray", linestyle="--", label="dense")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(1.6, 10)
+    ax.set_xticks([2, 4, 8])
+    ax.set_xticklabels(["2x", "4x", "8x"])
     ax.set_xlabel("compression ratio (memory; Quest: reads)")
     ax.set_ylabel("MQAR accuracy (exact match)")
     ax.set_ylim(0, 1.05)
     ax.set_title("Tiny MQAR model through dms: accuracy vs compression")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
