@@ -119,7 +119,8 @@ float dms8x_logit(std::int64_t t, int context) {
 
 template <class T, class P>
 std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy) {
-  const int pages_per_row = (context + page_size - 1) / page_size;
+  // Room for context + 1 tokens: TOVA with budget = context holds budget + 1 before it evicts.
+  const int pages_per_row = context / page_size + 1;
   dms::cache_config cfg;
   cfg.num_kv_heads = kv_heads;
   cfg.group_size = group_size;
