@@ -1,7 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """DMS retrofit of the dense tiny model (the paper's recipe, at small scale), seeded and logged.
 
-    python3 examples/mqar/train/train_dms.py --ratio 8 --window 16     # writes model/dms_cr8.safetensors
+    python3 examples/mqar/train/train_dms.py --ratio 8 --aux-weight 5 --steps 1200   # model/dms_cr8.*
+
+(the shipped checkpoints' commands are in README.md, "The tiny model"; 43-58 minutes each on one
+thread of a shared 2-core machine).
 
 The decision logit of token t for KV head g is read from the last channel of query head g*G
 (the first of its group), l = 100 * q - 5 (dms::take_decision_logits), and that channel is zeroed
