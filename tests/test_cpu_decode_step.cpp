@@ -172,7 +172,8 @@ TEST_CASE("cpu decode_attention: a batch equals its sequences one by one, bit fo
       REQUIRE(std::memcmp(one.data(), all.data(), one.size() * sizeof(float)) == 0);
       REQUIRE(std::memcmp(one_lse.data(), all_lse.data(), one_lse.size() * sizeof(float)) == 0);
       const auto a = tw.ref.to_image(), b = tw.fast.to_image();
-      REQUIRE(std::memcmp(a.score.data(), b.score.data(), a.score.size() * sizeof(float)) == 0);
+      REQUIRE((a.score.empty() ||
+               std::memcmp(a.score.data(), b.score.data(), a.score.size() * sizeof(float)) == 0));
       REQUIRE(tw.ref.stats().kv_token_reads == tw.fast.stats().kv_token_reads);
     });
   }
