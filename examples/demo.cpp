@@ -76,7 +76,8 @@ int main(int argc, char** argv) {
       mqar::policy_options p;
       p.kind = k;
       p.budget = mqar::budget_for_ratio(k, r, fed, decoded);
-      rows.emplace_back(k, mqar::evaluate(k == mqar::policy_kind::dms ? dms_model : dense, e, p, o));
+      rows.emplace_back(k,
+                        mqar::evaluate(k == mqar::policy_kind::dms ? dms_model : dense, e, p, o));
       return rows.back().second;
     };
     run(mqar::policy_kind::dense, 1.0);
