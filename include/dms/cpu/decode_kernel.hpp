@@ -5,9 +5,11 @@
 // heads of one row's group attend to a run of that row's pages, in one pass over their K/V.
 //
 // Per block of up to 16 live keys (holes skipped; bf16/fp16 widened in registers, never copied):
-//   QK  s[g][j] = q_g . k_j           one load of k_j feeds every head of the tile
+//   QK  s[g][j] = q_g . k_j           two keys at a time; one load of a key feeds every head of
+//                                     the tile, one load of a query chunk both keys
 //   softmax  running max m_g, sum l_g (online: earlier output shrinks by exp(m_old - m_new))
-//   PV  acc_g += exp(s[g][j] - m_g) v_j   accumulators of 2 * width channels stay in registers
+//   PV  acc_g += exp(s[g][j] - m_g) v_j   four keys at a time, their value rows read side by
+//                                     side in address order, chunk by chunk of 2 * width channels
 // The item's (m, l, acc) is merged with the row's other items by decode_plan.hpp, in chunk order,
 // so the result never depends on which thread ran which item. Each key's logits can be kept for
 // the policies that fold probabilities into scores (TOVA, H2O) once the row's lse is known.

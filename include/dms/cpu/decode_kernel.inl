@@ -7,7 +7,13 @@
 /// or L1 between the QK and PV passes.
 inline constexpr int decode_block_keys = 16;
 
-/// Prefetches one key and its value (null: nothing) into L2, ahead of their use.
+/// Prefetches one key and its value (null: nothing) into L2, ahead of their use. Both are read
+/// in address order (block_logits key by key, group_values four value rows side by side), but a
+/// row's pages are scattered, and the hardware prefetcher starts over at each page. Software
+/// prefetches hold a miss buffer each until their line arrives, so they go where they pay: on
+/// the values always, on the keys only for 16-bit storage. Measured on Zen 3 at 16K tokens
+/// (docs/performance.md): prefetching f32 keys too costs about 10%, not prefetching bf16 keys
+/// costs about as much.
 template <class T>
 DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
   if (!k) return;
@@ -15,42 +21,86 @@ DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
   const auto* vb = reinterpret_cast<const char*>(v);
   const int bytes = d * int(sizeof(T));
   for (int off = 0; off < bytes; off += 64) {
-    DMS_CPU_PREFETCH(kb + off);
+    if constexpr (sizeof(T) < 4) DMS_CPU_PREFETCH(kb + off);
     DMS_CPU_PREFETCH(vb + off);
   }
 }
 
 /// s[g][j] = q_g . k_j for one block and GT heads (q already carries the softmax scale).
-/// Two accumulators per head keep enough FMAs in flight when GT is small; each key's
+/// Keys go two at a time, so that each load of a query chunk feeds both keys: per chunk of
+/// 2 * width channels, 2 key loads and 2 * GT query loads for 4 * GT FMAs (one key at a time
+/// needs a query load per FMA, which saturates the load ports first). The accumulator chains
+/// must be numerous enough to hide the FMA latency: with GT >= 4 the 2 * GT (key, head) ones
+/// are; fewer heads keep the two halves of a chunk in separate accumulators. Each key's
 /// accumulators are summed horizontally `width` keys at a time (transpose_sums).
 template <class T, int GT>
 DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int d,
                                  const T* const* kp, const T* const* pf, int nb,
                                  float (*DMS_CPU_RESTRICT s)[decode_block_keys]) {
   constexpr int cw = 2 * width;
+  constexpr bool split = GT < 4;
   const int nfull = d / cw, rem = d - nfull * cw;
   vf part[GT][decode_block_keys];  // per head and key: the lanes still to be summed
-  for (int j = 0; j < nb; ++j) {
-    // One future key (K and V) per key computed: the prefetches trickle out at the rate the
-    // keys are consumed instead of stalling on the miss buffers in bursts.
-    if (pf) prefetch_slot(pf[2 * j], pf[2 * j + 1], d);
+  // One future key (K and V) per key computed, the second of a pair half-way through its
+  // chunks: the prefetches trickle out at the rate the keys are consumed instead of stalling
+  // on the miss buffers in bursts.
+  const auto prefetch = [&](int key) {
+    if (pf) prefetch_slot(pf[2 * key], pf[2 * key + 1], d);
+  };
+  int j = 0;
+  for (; j + 2 <= nb; j += 2) {
+    prefetch(j);
+    if (nfull == 0) prefetch(j + 1);
+    const T* k0 = kp[j];
+    const T* k1 = kp[j + 1];
+    vf a0[GT], a1[GT], b0[GT], b1[GT];  // (key 0, key 1) x (first, second half of a chunk)
+    for (int g = 0; g < GT; ++g) a0[g] = a1[g] = b0[g] = b1[g] = zero();
+    const auto chunk = [&](const vf(&k)[4], const float* qc) {
+      for (int g = 0; g < GT; ++g) {
+        const vf qa = load(qc + std::size_t(g) * dpad);
+        const vf qb = load(qc + std::size_t(g) * dpad + width);
+        a0[g] = madd(qa, k[0], a0[g]);
+        a1[g] = madd(qa, k[2], a1[g]);
+        if constexpr (split) {
+          b0[g] = madd(qb, k[1], b0[g]);
+          b1[g] = madd(qb, k[3], b1[g]);
+        } else {
+          a0[g] = madd(qb, k[1], a0[g]);
+          a1[g] = madd(qb, k[3], a1[g]);
+        }
+      }
+    };
+    for (int c = 0; c < nfull; ++c) {
+      if (c == nfull / 2) prefetch(j + 1);
+      vf k[4];
+      load_pair(k0 + c * cw, k[0], k[1]);
+      load_pair(k1 + c * cw, k[2], k[3]);
+      chunk(k, q + c * cw);
+    }
+    if (rem) {
+      vf k[4];
+      load_pair_partial(k0 + nfull * cw, rem, k[0], k[1]);
+      load_pair_partial(k1 + nfull * cw, rem, k[2], k[3]);
+      chunk(k, q + nfull * cw);
+    }
+    for (int g = 0; g < GT; ++g) {
+      part[g][j] = split ? a0[g] + b0[g] : a0[g];
+      part[g][j + 1] = split ? a1[g] + b1[g] : a1[g];
+    }
+  }
+  if (j < nb) {  // an odd last key, on its own
+    prefetch(j);
     const T* k = kp[j];
     vf acc[GT], acc2[GT];
     for (int g = 0; g < GT; ++g) acc[g] = acc2[g] = zero();
-    for (int c = 0; c < nfull; ++c) {
+    for (int c = 0; c < nfull + (rem ? 1 : 0); ++c) {
       vf ka, kb;
-      load_pair(k + c * cw, ka, kb);
+      if (c < nfull)
+        load_pair(k + c * cw, ka, kb);
+      else
+        load_pair_partial(k + nfull * cw, rem, ka, kb);
       for (int g = 0; g < GT; ++g) {
         const float* qg = q + std::size_t(g) * dpad + c * cw;
-        acc[g] = madd(load(qg), ka, acc[g]);
-        acc2[g] = madd(load(qg + width), kb, acc2[g]);
-      }
-    }
-    if (rem) {
-      vf ka, kb;
-      load_pair_partial(k + nfull * cw, rem, ka, kb);
-      for (int g = 0; g < GT; ++g) {
-        const float* qg = q + std::size_t(g) * dpad + nfull * cw;
         acc[g] = madd(load(qg), ka, acc[g]);
         acc2[g] = madd(load(qg + width), kb, acc2[g]);
       }
@@ -59,8 +109,8 @@ DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int 
   }
   const int rounded = (nb + width - 1) / width * width;
   for (int g = 0; g < GT; ++g) {
-    for (int j = nb; j < rounded; ++j) part[g][j] = zero();
-    for (int j = 0; j < rounded; j += width) transpose_sums(part[g] + j, s[g] + j);
+    for (int i = nb; i < rounded; ++i) part[g][i] = zero();
+    for (int i = 0; i < rounded; i += width) transpose_sums(part[g] + i, s[g] + i);
   }
 }
 
@@ -94,48 +144,66 @@ DMS_CPU_INLINE void block_softmax(float (*DMS_CPU_RESTRICT s)[decode_block_keys]
   }
 }
 
-/// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads, chunk by chunk of 2 * width
-/// channels, so that the 2 * GT accumulators of a chunk stay in registers across the block.
-template <class T, int GT>
-DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
-                                 float (*DMS_CPU_RESTRICT p)[decode_block_keys],
-                                 const float* DMS_CPU_RESTRICT corr, float* DMS_CPU_RESTRICT acc) {
+/// acc_g += sum_k p[g][j0 + k] v_(j0 + k) for the KG keys from j0 and GT heads, chunk by chunk
+/// of 2 * width channels. The KG value rows are read side by side, each in address order, which
+/// the hardware prefetcher follows (a chunk of every key of the block in turn is a stride it
+/// does not). Each head's two accumulators of a chunk make a chain of KG FMAs; the GT heads and
+/// the chunks are independent chains.
+template <class T, int GT, int KG>
+DMS_CPU_INLINE void group_values(const T* const* vp, int j0, int dpad, int d,
+                                 const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
+                                 float* DMS_CPU_RESTRICT acc) {
   constexpr int cw = 2 * width;
   const int nfull = d / cw, rem = d - nfull * cw;
   for (int c = 0; c < nfull + (rem ? 1 : 0); ++c) {
-    vf oa[GT], ob[GT];
-    for (int g = 0; g < GT; ++g) {
-      const float* o = acc + std::size_t(g) * dpad + c * cw;
-      const vf cg = set1(corr[g]);
-      oa[g] = load(o) * cg;
-      ob[g] = load(o + width) * cg;
-    }
-    if (c < nfull) {
-      for (int j = 0; j < nb; ++j) {
-        vf va, vb;
-        load_pair(vp[j] + c * cw, va, vb);
-        for (int g = 0; g < GT; ++g) {
-          const vf pj = set1(p[g][j]);
-          oa[g] = madd(pj, va, oa[g]);
-          ob[g] = madd(pj, vb, ob[g]);
-        }
-      }
-    } else {
-      for (int j = 0; j < nb; ++j) {
-        vf va, vb;
-        load_pair_partial(vp[j] + c * cw, rem, va, vb);
-        for (int g = 0; g < GT; ++g) {
-          const vf pj = set1(p[g][j]);
-          oa[g] = madd(pj, va, oa[g]);
-          ob[g] = madd(pj, vb, ob[g]);
-        }
-      }
+    vf va[KG], vb[KG];
+    for (int k = 0; k < KG; ++k) {
+      if (c < nfull)
+        load_pair(vp[j0 + k] + c * cw, va[k], vb[k]);
+      else
+        load_pair_partial(vp[j0 + k] + nfull * cw, rem, va[k], vb[k]);
     }
     for (int g = 0; g < GT; ++g) {
       float* o = acc + std::size_t(g) * dpad + c * cw;
-      store(o, oa[g]);
-      store(o + width, ob[g]);
+      vf oa = load(o), ob = load(o + width);
+      for (int k = 0; k < KG; ++k) {
+        const vf pk = set1(p[g][j0 + k]);
+        oa = madd(pk, va[k], oa);
+        ob = madd(pk, vb[k], ob);
+      }
+      store(o, oa);
+      store(o + width, ob);
     }
+  }
+}
+
+/// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads: the rescale (skipped where the max
+/// did not move, a factor of exactly 1), then the keys four at a time. Each channel sums its
+/// terms in key order, as a chunk-by-chunk pass over the whole block would.
+template <class T, int GT>
+DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
+                                 const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
+                                 const float* DMS_CPU_RESTRICT corr, float* DMS_CPU_RESTRICT acc) {
+  for (int g = 0; g < GT; ++g) {
+    if (corr[g] == 1.0f) continue;
+    const vf cg = set1(corr[g]);
+    float* o = acc + std::size_t(g) * dpad;
+    for (int e = 0; e < dpad; e += width) store(o + e, load(o + e) * cg);
+  }
+  int j = 0;
+  for (; j + 4 <= nb; j += 4) group_values<T, GT, 4>(vp, j, dpad, d, p, acc);
+  switch (nb - j) {
+    case 3:
+      group_values<T, GT, 3>(vp, j, dpad, d, p, acc);
+      break;
+    case 2:
+      group_values<T, GT, 2>(vp, j, dpad, d, p, acc);
+      break;
+    case 1:
+      group_values<T, GT, 1>(vp, j, dpad, d, p, acc);
+      break;
+    default:
+      break;
   }
 }
 
