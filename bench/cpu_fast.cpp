@@ -19,6 +19,13 @@
 //       sizeof(storage)), bytes_per_second, frac_of_1core_read_roofline and
 //       frac_of_2core_read_roofline (bytes_per_second over the same-run rooflines),
 //       tokens_per_s, slots_read_per_row, compression.
+//   paged_read/<kv>/threads:N/batch:B/context:C
+//       The ceiling the paged layout leaves the decode kernel: the K and V pages of the same dense
+//       cache as decode_fast/<kv>/dense at that shape, cut into the same split-K items, run on
+//       the same pool, with nothing computed but a sum of their 32-bit words. Its
+//       bytes_per_second against decode_fast's separates what the scattered pages cost from
+//       what the kernel costs. Counters as decode_fast's (kv_bytes_per_step, bytes_per_second,
+//       frac_of_*_read_roofline).
 //   prefill_fast/<kv>/<policy>/tokens:T
 //       dms::cpu::prefill of a whole T-token prompt in one chunk into an empty sequence, on the
 //       default thread pool: the attention, the prompt scores, the appends and compress_prompt.
@@ -218,6 +225,99 @@ void register_decode_fast(const std::string& kv) {
   add("tova", false, [](int c) { return dms::tova_policy{{.budget = c}}; });
 }
 
+// ---- paged read ------------------------------------------------------------------------------
+
+/// Sum of n 32-bit words with 32 independent accumulators (vectorized by the compiler, like the
+/// roofline's read_sum; integers, so no value the bits happen to spell can slow the adds).
+std::uint32_t read_words(const std::uint32_t* p, std::size_t n) {
+  constexpr std::size_t lanes = 32;
+  std::uint32_t acc[lanes] = {};
+  std::size_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    for (std::size_t j = 0; j < lanes; ++j) acc[j] += p[i + j];
+  for (; i < n; ++i) acc[0] += p[i];
+  std::uint32_t sum = 0;
+  for (const std::uint32_t a : acc) sum += a;
+  return sum;
+}
+
+template <class T>
+void bm_paged_read(benchmark::State& state, const std::string& kv) {
+  using P = dms::dense_policy;
+  const int threads = int(state.range(0)), batch = int(state.range(1));
+  const int context = int(state.range(2));
+  const double full_kv = double(batch) * kv_heads * context * head_dim * 2.0 * sizeof(T);
+  if (full_kv > max_kv_bytes()) {
+    state.SkipWithError("K/V above DMS_BENCH_MAX_KV_GB");
+    return;
+  }
+  // The dense decode benchmark's cache (shared with it when they run back to back).
+  const std::string name = "decode_fast/" + kv + "/dense";
+  const std::string key = name + "/" + std::to_string(batch) + "/" + std::to_string(context);
+  auto& slot = current_fixture();
+  if (slot.key != key) {
+    slot.fixture.reset();
+    slot.key.clear();
+    slot.fixture = build_decode<T, P>(batch, context, P{});
+    slot.key = key;
+  }
+  auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
+  const auto view = fx.cache.view();
+
+  struct item {
+    int row, first_page, num_pages;
+  };
+  std::vector<item> items;
+  const int chunk_pages = dms::cpu::detail::decode_chunk_pages(page_size);
+  double kv_bytes = 0.0;
+  for (const int seq : fx.seqs)
+    for (int h = 0; h < kv_heads; ++h) {
+      const int row = seq * kv_heads + h;
+      const int pages = view.num_pages(row);
+      for (int p0 = 0; p0 < pages; p0 += chunk_pages)
+        items.push_back({row, p0, std::min(chunk_pages, pages - p0)});
+      kv_bytes += double(view.length(row)) * head_dim * 2.0 * sizeof(T);
+    }
+  std::vector<std::uint32_t> sums(items.size());
+  const auto read_item = [&](std::size_t i) {
+    const item& it = items[i];
+    std::uint32_t sum = 0;
+    for (int lp = it.first_page; lp < it.first_page + it.num_pages; ++lp) {
+      const std::int64_t base = std::int64_t(view.page(it.row, lp)) * page_size;
+      const int count = std::min(page_size, view.length(it.row) - lp * page_size);
+      const std::size_t words = std::size_t(count) * head_dim * sizeof(T) / 4;
+      sum += read_words(reinterpret_cast<const std::uint32_t*>(view.k + base * head_dim), words);
+      sum += read_words(reinterpret_cast<const std::uint32_t*>(view.v + base * head_dim), words);
+    }
+    sums[i] = sum;
+  };
+  dms::cpu::executor& exec = pool(threads);
+  exec.parallel_for(items.size(), dms::cpu::task_ref(read_item));  // warm the pool
+  const auto started = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    exec.parallel_for(items.size(), dms::cpu::task_ref(read_item));
+    benchmark::DoNotOptimize(sums.data());
+    benchmark::ClobberMemory();
+  }
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - started;
+  const double bytes_per_s = kv_bytes * double(state.iterations()) / elapsed.count();
+  state.SetBytesProcessed(std::int64_t(kv_bytes * double(state.iterations())));
+  state.counters["kv_bytes_per_step"] = kv_bytes;
+  state.counters["frac_of_1core_read_roofline"] = bytes_per_s / dms_bench::one_core_read_roofline;
+  state.counters["frac_of_2core_read_roofline"] = bytes_per_s / dms_bench::two_core_read_roofline;
+}
+
+template <class T>
+void register_paged_read(const std::string& kv) {
+  const std::string name = "paged_read/" + kv;
+  benchmark::RegisterBenchmark(name.c_str(), [kv](benchmark::State& s) { bm_paged_read<T>(s, kv); })
+      ->ArgNames({"threads", "batch", "context"})
+      ->ArgsProduct({{1}, {1}, {4096, 16384, 65536}})
+      ->ArgsProduct({{2}, {1, 4, 16}, {4096, 16384, 65536}})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
 // ---- prefill ---------------------------------------------------------------------------------
 
 struct prompt {
@@ -301,6 +401,8 @@ void register_prefill_fast(const std::string& kv, bool scores_too) {
 const bool registered = [] {
   register_decode_fast<dms::bfloat16>("bf16");
   register_decode_fast<float>("f32");
+  register_paged_read<dms::bfloat16>("bf16");
+  register_paged_read<float>("f32");
   register_prefill_fast<dms::bfloat16>("bf16", true);
   register_prefill_fast<float>("f32", false);
   return true;
