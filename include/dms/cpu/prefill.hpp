@@ -251,24 +251,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
     }
   }
 
-  // Append the chunk: the same bookkeeping as the reference (DMS reuses expired slots as it goes).
-  for (int i = 0; i < n; ++i) {
-    const std::size_t t = std::size_t(in.padding + i);
-    const auto logits =
-        P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk) : std::span<const float>{};
-    cache.append(seq, in.k.subspan(t * krow, krow), in.v.subspan(t * krow, krow), logits, true);
-  }
-  if constexpr (P::keeps_scores) {
-    for (int h = 0; h < Hk; ++h) {
-      auto& row = seq_ref.row(h);
-      for (int s = 0; s < row.length(); ++s) {
-        const std::int32_t p = row.position(s);
-        if (p >= t0 && p < t0 + n)
-          view.score[view.slot_index(row.index(), s)] = chunk_score[std::size_t(h) * n + (p - t0)];
-      }
-    }
-  }
-  if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
+  reference::prefill_detail::append_chunk(cache, seq, in, n, t0, chunk_score, prompt_length, end);
 }
 
 /// Drop-in for dms::reference::prefill: a whole prompt in chunks of `chunk_size` tokens (padding

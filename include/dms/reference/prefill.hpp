@@ -121,10 +121,42 @@ struct chunk_reservation {
 /// Whether prefill_chunk ends the prompt (cache.finish_prompt) after its last chunk.
 enum class end_of_prompt { finish, defer };
 
-/// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
-/// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt), unless
-/// `end` is defer: then the caller ends it, e.g. once every sequence of a batch has appended its
-/// last chunk (the order of the GPU's batched prefill, which hands out pages in that order).
+namespace prefill_detail {
+
+/// The end of a prefill chunk, shared by reference::prefill_chunk and cpu::prefill_chunk: its n
+/// real tokens appended (the same bookkeeping as decode, so DMS reuses expired slots as it
+/// goes), the prompt scores of those that got a slot stored (chunk_score: [num_kv_heads][n],
+/// policies that keep scores), and after the prompt's last chunk the policy's compress_prompt,
+/// unless `end` is defer. t0: the index of the chunk's first real token.
+template <storage_type T, class P>
+void append_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in, int n,
+                  std::int32_t t0, std::span<const float> chunk_score, int prompt_length,
+                  end_of_prompt end) {
+  const int Hk = cache.config().num_kv_heads;
+  const std::size_t krow = std::size_t(Hk) * cache.config().head_dim;
+  for (int i = 0; i < n; ++i) {
+    const std::size_t t = std::size_t(in.padding + i);
+    const auto logits =
+        P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk) : std::span<const float>{};
+    cache.append(seq, in.k.subspan(t * krow, krow), in.v.subspan(t * krow, krow), logits, true);
+  }
+  if constexpr (P::keeps_scores) {
+    const auto view = cache.view();
+    auto seq_ref = cache.sequence(seq);
+    for (int h = 0; h < Hk; ++h) {
+      auto& row = seq_ref.row(h);
+      for (int s = 0; s < row.length(); ++s) {
+        const std::int32_t p = row.position(s);
+        if (p >= t0 && p < t0 + n)
+          view.score[view.slot_index(row.index(), s)] = chunk_score[std::size_t(h) * n + (p - t0)];
+      }
+    }
+  }
+  if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
+}
+
+}  // namespace prefill_detail
+
 /// What check_prefill_chunk found: the chunk's tokens (padding included) and the new pages its
 /// appends need (to hold in a prefill_detail::chunk_reservation while they run).
 struct prefill_chunk_plan {
@@ -183,13 +215,17 @@ prefill_chunk_plan check_prefill_chunk(paged_cache<T, P>& cache, int seq,
   return {tokens, pages};
 }
 
+/// Processes one chunk of a prompt of `prompt_length` real (unpadded) tokens. After the chunk
+/// that completes the prompt, the policy's compress_prompt runs (cache.finish_prompt), unless
+/// `end` is defer: then the caller ends it, e.g. once every sequence of a batch has appended its
+/// last chunk (the order of the GPU's batched prefill, which hands out pages in that order).
 template <storage_type T, class P>
 void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs& in,
                    int prompt_length, prefill_outputs o,
                    end_of_prompt end = end_of_prompt::finish) {
   const cache_config& cfg = cache.config();
   const int Hk = cfg.num_kv_heads, G = cfg.group_size, d = cfg.head_dim, H = Hk * G;
-  const std::size_t qrow = std::size_t(H) * d, krow = std::size_t(Hk) * d;
+  const std::size_t qrow = std::size_t(H) * d;
   const auto [tokens, pages] = check_prefill_chunk(cache, seq, in, prompt_length, o);
   prefill_detail::chunk_reservation<paged_cache<T, P>> reservation(cache, seq, pages);
   auto seq_ref = cache.sequence(seq);
@@ -286,24 +322,7 @@ void prefill_chunk(paged_cache<T, P>& cache, int seq, const prefill_chunk_inputs
     }
   }
 
-  // Append the chunk: the same bookkeeping as decode, so DMS reuses expired slots as it goes.
-  for (int i = 0; i < n; ++i) {
-    const std::size_t t = std::size_t(in.padding + i);
-    const auto logits =
-        P::uses_decision_logits ? in.decision_logits.subspan(t * Hk, Hk) : std::span<const float>{};
-    cache.append(seq, in.k.subspan(t * krow, krow), in.v.subspan(t * krow, krow), logits, true);
-  }
-  if constexpr (P::keeps_scores) {
-    for (int h = 0; h < Hk; ++h) {
-      auto& row = seq_ref.row(h);
-      for (int s = 0; s < row.length(); ++s) {
-        const std::int32_t p = row.position(s);
-        if (p >= t0 && p < t0 + n)
-          view.score[view.slot_index(row.index(), s)] = chunk_score[std::size_t(h) * n + (p - t0)];
-      }
-    }
-  }
-  if (t0 + n == prompt_length && end == end_of_prompt::finish) cache.finish_prompt(seq);
+  prefill_detail::append_chunk(cache, seq, in, n, t0, chunk_score, prompt_length, end);
 }
 
 /// Validates a whole prompt, then runs it in chunks of `chunk_size` tokens (padding included in
