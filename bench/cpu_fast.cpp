@@ -26,6 +26,9 @@
 //       bytes_per_second against decode_fast's separates what the scattered pages cost from
 //       what the kernel costs. Counters as decode_fast's (kv_bytes_per_step, bytes_per_second,
 //       frac_of_*_read_roofline).
+//   page_size/<kv>/{decode,read}/threads:2/batch:B/context:16384/page:P
+//       decode_fast/<kv>/dense and paged_read at page sizes P = 16, 64, 256 (batch 1 and 4):
+//       what the granularity of the layout costs the kernel and the plain read.
 //   prefill_fast/<kv>/<policy>/tokens:T
 //       dms::cpu::prefill of a whole T-token prompt in one chunk into an empty sequence, on the
 //       default thread pool: the attention, the prompt scores, the appends and compress_prompt.
@@ -125,16 +128,17 @@ float dms8x_logit(std::int64_t t, int context) {
 }
 
 template <class T, class P>
-std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy) {
+std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy,
+                                                   int ps = page_size) {
   // Room for context + 1 tokens: TOVA with budget = context holds budget + 1 before it evicts.
-  const int pages_per_row = context / page_size + 1;
+  const int pages_per_row = context / ps + 1;
   dms::cache_config cfg;
   cfg.num_kv_heads = kv_heads;
   cfg.group_size = group_size;
   cfg.head_dim = head_dim;
-  cfg.page_size = page_size;
+  cfg.page_size = ps;
   cfg.max_sequences = batch;
-  cfg.max_row_slots = pages_per_row * page_size;
+  cfg.max_row_slots = pages_per_row * ps;
   cfg.max_pages = batch * kv_heads * pages_per_row;
   auto fx = std::make_unique<decode_fixture<T, P>>(cfg, policy);
   const std::size_t kn = std::size_t(kv_heads) * head_dim;
@@ -157,7 +161,8 @@ std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const
 }
 
 template <class T, class P>
-void bm_decode_fast(benchmark::State& state, const std::string& name, P policy) {
+void bm_decode_fast(benchmark::State& state, const std::string& name, P policy,
+                    int ps = page_size) {
   const int threads = int(state.range(0)), batch = int(state.range(1));
   const int context = int(state.range(2));
   const double full_kv = double(batch) * kv_heads * context * head_dim * 2.0 * sizeof(T);
@@ -165,12 +170,13 @@ void bm_decode_fast(benchmark::State& state, const std::string& name, P policy) 
     state.SkipWithError("K/V above DMS_BENCH_MAX_KV_GB");
     return;
   }
-  const std::string key = name + "/" + std::to_string(batch) + "/" + std::to_string(context);
+  const std::string key =
+      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
   auto& slot = current_fixture();
   if (slot.key != key) {
     slot.fixture.reset();  // one cache alive at a time
     slot.key.clear();
-    slot.fixture = build_decode<T, P>(batch, context, policy);
+    slot.fixture = build_decode<T, P>(batch, context, policy, ps);
     slot.key = key;
   }
   auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
@@ -242,7 +248,7 @@ std::uint32_t read_words(const std::uint32_t* p, std::size_t n) {
 }
 
 template <class T>
-void bm_paged_read(benchmark::State& state, const std::string& kv) {
+void bm_paged_read(benchmark::State& state, const std::string& kv, int ps = page_size) {
   using P = dms::dense_policy;
   const int threads = int(state.range(0)), batch = int(state.range(1));
   const int context = int(state.range(2));
@@ -253,12 +259,13 @@ void bm_paged_read(benchmark::State& state, const std::string& kv) {
   }
   // The dense decode benchmark's cache (shared with it when they run back to back).
   const std::string name = "decode_fast/" + kv + "/dense";
-  const std::string key = name + "/" + std::to_string(batch) + "/" + std::to_string(context);
+  const std::string key =
+      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
   auto& slot = current_fixture();
   if (slot.key != key) {
     slot.fixture.reset();
     slot.key.clear();
-    slot.fixture = build_decode<T, P>(batch, context, P{});
+    slot.fixture = build_decode<T, P>(batch, context, P{}, ps);
     slot.key = key;
   }
   auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
@@ -268,7 +275,7 @@ void bm_paged_read(benchmark::State& state, const std::string& kv) {
     int row, first_page, num_pages;
   };
   std::vector<item> items;
-  const int chunk_pages = dms::cpu::detail::decode_chunk_pages(page_size);
+  const int chunk_pages = dms::cpu::detail::decode_chunk_pages(ps);
   double kv_bytes = 0.0;
   for (const int seq : fx.seqs)
     for (int h = 0; h < kv_heads; ++h) {
@@ -283,8 +290,8 @@ void bm_paged_read(benchmark::State& state, const std::string& kv) {
     const item& it = items[i];
     std::uint32_t sum = 0;
     for (int lp = it.first_page; lp < it.first_page + it.num_pages; ++lp) {
-      const std::int64_t base = std::int64_t(view.page(it.row, lp)) * page_size;
-      const int count = std::min(page_size, view.length(it.row) - lp * page_size);
+      const std::int64_t base = std::int64_t(view.page(it.row, lp)) * ps;
+      const int count = std::min(ps, view.length(it.row) - lp * ps);
       const std::size_t words = std::size_t(count) * head_dim * sizeof(T) / 4;
       sum += read_words(reinterpret_cast<const std::uint32_t*>(view.k + base * head_dim), words);
       sum += read_words(reinterpret_cast<const std::uint32_t*>(view.v + base * head_dim), words);
@@ -316,6 +323,25 @@ void register_paged_read(const std::string& kv) {
       ->ArgsProduct({{2}, {1, 4, 16}, {4096, 16384, 65536}})
       ->UseRealTime()
       ->Unit(benchmark::kMicrosecond);
+}
+
+/// page_size/<kv>/{decode,read}/threads:2/batch:B/context:16K/page:P: dense decode_fast and
+/// paged_read at page sizes 16, 64 and 256, what the layout's granularity costs each.
+template <class T>
+void register_page_size(const std::string& kv) {
+  const auto shapes = [](benchmark::internal::Benchmark* b) {
+    b->ArgNames({"threads", "batch", "context", "page"})
+        ->ArgsProduct({{2}, {1, 4}, {16384}, {16, 64, 256}})
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
+  };
+  const std::string decode = "page_size/" + kv + "/decode";
+  shapes(benchmark::RegisterBenchmark(decode.c_str(), [kv](benchmark::State& s) {
+    bm_decode_fast<T>(s, "decode_fast/" + kv + "/dense", dms::dense_policy{}, int(s.range(3)));
+  }));
+  const std::string read = "page_size/" + kv + "/read";
+  shapes(benchmark::RegisterBenchmark(
+      read.c_str(), [kv](benchmark::State& s) { bm_paged_read<T>(s, kv, int(s.range(3))); }));
 }
 
 // ---- prefill ---------------------------------------------------------------------------------
@@ -403,6 +429,8 @@ const bool registered = [] {
   register_decode_fast<float>("f32");
   register_paged_read<dms::bfloat16>("bf16");
   register_paged_read<float>("f32");
+  register_page_size<dms::bfloat16>("bf16");
+  register_page_size<float>("f32");
   register_prefill_fast<dms::bfloat16>("bf16", true);
   register_prefill_fast<float>("f32", false);
   return true;
