@@ -160,6 +160,22 @@ std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const
   return fx;
 }
 
+/// The cache of benchmark `name` at this shape, built on first use; one cache is alive at a time.
+template <class T, class P>
+decode_fixture<T, P>& decode_fixture_for(const std::string& name, int batch, int context,
+                                         const P& policy, int ps) {
+  const std::string key =
+      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
+  auto& slot = current_fixture();
+  if (slot.key != key) {
+    slot.fixture.reset();  // free the old cache before building the next
+    slot.key.clear();
+    slot.fixture = build_decode<T, P>(batch, context, policy, ps);
+    slot.key = key;
+  }
+  return static_cast<decode_fixture<T, P>&>(*slot.fixture);
+}
+
 template <class T, class P>
 void bm_decode_fast(benchmark::State& state, const std::string& name, P policy,
                     int ps = page_size) {
@@ -170,16 +186,7 @@ void bm_decode_fast(benchmark::State& state, const std::string& name, P policy,
     state.SkipWithError("K/V above DMS_BENCH_MAX_KV_GB");
     return;
   }
-  const std::string key =
-      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
-  auto& slot = current_fixture();
-  if (slot.key != key) {
-    slot.fixture.reset();  // one cache alive at a time
-    slot.key.clear();
-    slot.fixture = build_decode<T, P>(batch, context, policy, ps);
-    slot.key = key;
-  }
-  auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
+  auto& fx = decode_fixture_for<T>(name, batch, context, policy, ps);
   dms::cpu::executor& exec = pool(threads);
   const std::span<const int> seqs(fx.seqs);
   dms::cpu::decode_attention(fx.cache, seqs, fx.q, fx.out, {}, exec);  // warm the workspace
@@ -258,17 +265,7 @@ void bm_paged_read(benchmark::State& state, const std::string& kv, int ps = page
     return;
   }
   // The dense decode benchmark's cache (shared with it when they run back to back).
-  const std::string name = "decode_fast/" + kv + "/dense";
-  const std::string key =
-      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
-  auto& slot = current_fixture();
-  if (slot.key != key) {
-    slot.fixture.reset();
-    slot.key.clear();
-    slot.fixture = build_decode<T, P>(batch, context, P{}, ps);
-    slot.key = key;
-  }
-  auto& fx = static_cast<decode_fixture<T, P>&>(*slot.fixture);
+  auto& fx = decode_fixture_for<T>("decode_fast/" + kv + "/dense", batch, context, P{}, ps);
   const auto view = fx.cache.view();
 
   struct item {
