@@ -7,23 +7,19 @@
 /// or L1 between the QK and PV passes.
 inline constexpr int decode_block_keys = 16;
 
-/// Prefetches one key and its value (null: nothing) into L2, ahead of their use. Both are read
-/// in address order (block_logits key by key, group_values four value rows side by side), but a
-/// row's pages are scattered, and the hardware prefetcher starts over at each page. Software
-/// prefetches hold a miss buffer each until their line arrives, so they go where they pay: on
-/// the values always, on the keys only for 16-bit storage. Measured on Zen 3 at 16K tokens
-/// (docs/performance.md): prefetching f32 keys too costs about 10%, not prefetching bf16 keys
-/// costs about as much.
+/// Prefetches one K or V row (null: nothing) into L2, ahead of its use. A row's pages are
+/// scattered through the pool and the hardware prefetcher starts over at each, so the kernel
+/// fetches the next block's rows itself, spread over the current block's arithmetic at the rate
+/// it consumes rows: its keys during the QK pass, its values during the PV pass (a burst of all
+/// of them at once stalls on the miss buffers). Measured on Zen 3 at 16K tokens in
+/// docs/performance.md. Call it directly, never from a lambda: GCC 12 deletes a lambda call
+/// whose body only prefetches (no prefetch instruction is left in the compiled kernel).
 template <class T>
-DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
-  if (!k) return;
-  const auto* kb = reinterpret_cast<const char*>(k);
-  const auto* vb = reinterpret_cast<const char*>(v);
-  const int bytes = d * int(sizeof(T));
-  for (int off = 0; off < bytes; off += 64) {
-    if constexpr (sizeof(T) < 4) DMS_CPU_PREFETCH(kb + off);
-    DMS_CPU_PREFETCH(vb + off);
-  }
+DMS_CPU_INLINE void prefetch_row(const T* row, int d) {
+  if (!row) return;
+  const auto* bytes = reinterpret_cast<const char*>(row);
+  const int n = d * int(sizeof(T));
+  for (int off = 0; off < n; off += 64) DMS_CPU_PREFETCH(bytes + off);
 }
 
 /// s[g][j] = q_g . k_j for one block and GT heads (q already carries the softmax scale).
@@ -35,22 +31,18 @@ DMS_CPU_INLINE void prefetch_slot(const T* k, const T* v, int d) {
 /// accumulators are summed horizontally `width` keys at a time (transpose_sums).
 template <class T, int GT>
 DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int d,
-                                 const T* const* kp, const T* const* pf, int nb,
+                                 const T* const* kp, const T* const* next_k, int nb,
                                  float (*DMS_CPU_RESTRICT s)[decode_block_keys]) {
   constexpr int cw = 2 * width;
   constexpr bool split = GT < 4;
   const int nfull = d / cw, rem = d - nfull * cw;
   vf part[GT][decode_block_keys];  // per head and key: the lanes still to be summed
-  // One future key (K and V) per key computed, the second of a pair half-way through its
-  // chunks: the prefetches trickle out at the rate the keys are consumed instead of stalling
-  // on the miss buffers in bursts.
-  const auto prefetch = [&](int key) {
-    if (pf) prefetch_slot(pf[2 * key], pf[2 * key + 1], d);
-  };
+  // One key of the next block per key computed, the second of a pair half-way through its
+  // chunks (see prefetch_row; next_k[i] is null past the next block's end).
   int j = 0;
   for (; j + 2 <= nb; j += 2) {
-    prefetch(j);
-    if (nfull == 0) prefetch(j + 1);
+    if (next_k) prefetch_row(next_k[j], d);
+    if (next_k && nfull == 0) prefetch_row(next_k[j + 1], d);
     const T* k0 = kp[j];
     const T* k1 = kp[j + 1];
     vf a0[GT], a1[GT], b0[GT], b1[GT];  // (key 0, key 1) x (first, second half of a chunk)
@@ -71,7 +63,7 @@ DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int 
       }
     };
     for (int c = 0; c < nfull; ++c) {
-      if (c == nfull / 2) prefetch(j + 1);
+      if (next_k && c == nfull / 2) prefetch_row(next_k[j + 1], d);
       vf k[4];
       load_pair(k0 + c * cw, k[0], k[1]);
       load_pair(k1 + c * cw, k[2], k[3]);
@@ -89,7 +81,7 @@ DMS_CPU_INLINE void block_logits(const float* DMS_CPU_RESTRICT q, int dpad, int 
     }
   }
   if (j < nb) {  // an odd last key, on its own
-    prefetch(j);
+    if (next_k) prefetch_row(next_k[j], d);
     const T* k = kp[j];
     vf acc[GT], acc2[GT];
     for (int g = 0; g < GT; ++g) acc[g] = acc2[g] = zero();
@@ -178,11 +170,12 @@ DMS_CPU_INLINE void group_values(const T* const* vp, int j0, int dpad, int d,
 }
 
 /// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads: the rescale (skipped where the max
-/// did not move, a factor of exactly 1), then the keys four at a time. Each channel sums its
-/// terms in key order, as a chunk-by-chunk pass over the whole block would.
+/// did not move, a factor of exactly 1), then the keys four at a time, each group prefetching
+/// as many values of the next block (next_v, or null). Each channel sums its terms in key
+/// order, as a chunk-by-chunk pass over the whole block would.
 template <class T, int GT>
-DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
-                                 const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
+DMS_CPU_INLINE void block_values(const T* const* vp, const T* const* next_v, int nb, int dpad,
+                                 int d, const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
                                  const float* DMS_CPU_RESTRICT corr, float* DMS_CPU_RESTRICT acc) {
   for (int g = 0; g < GT; ++g) {
     if (corr[g] == 1.0f) continue;
@@ -191,7 +184,13 @@ DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
     for (int e = 0; e < dpad; e += width) store(o + e, load(o + e) * cg);
   }
   int j = 0;
-  for (; j + 4 <= nb; j += 4) group_values<T, GT, 4>(vp, j, dpad, d, p, acc);
+  for (; j + 4 <= nb; j += 4) {
+    if (next_v)
+      for (int t = j; t < j + 4; ++t) prefetch_row(next_v[t], d);
+    group_values<T, GT, 4>(vp, j, dpad, d, p, acc);
+  }
+  if (next_v)
+    for (int t = j; t < nb; ++t) prefetch_row(next_v[t], d);
   switch (nb - j) {
     case 3:
       group_values<T, GT, 3>(vp, j, dpad, d, p, acc);
@@ -207,45 +206,60 @@ DMS_CPU_INLINE void block_values(const T* const* vp, int nb, int dpad, int d,
   }
 }
 
-/// One block of nb keys for heads [h0, h0 + GT) of the group.
+/// The live slots of one block of the walk: their K and V rows and their slots. Past `count`
+/// the row pointers are null (nothing to prefetch).
+template <class T>
+struct decode_block_slots {
+  const T* k[decode_block_keys];
+  const T* v[decode_block_keys];
+  std::int32_t slot[decode_block_keys];
+  int count;
+};
+
+/// One block for heads [h0, h0 + GT) of the group; `next` (or null) is prefetched meanwhile.
 template <class T, int GT>
 DMS_CPU_INLINE void decode_block_tile(const ::dms::cpu::detail::decode_chunk_args<T>& a, int h0,
-                                      const T* const* kp, const T* const* vp, const T* const* pf,
-                                      int nb, int done) {
+                                      const decode_block_slots<T>& b,
+                                      const decode_block_slots<T>* next, int done) {
   alignas(64) float s[GT][decode_block_keys];
   alignas(64) float p[GT][decode_block_keys];
   float corr[GT];
   const int d = a.view.head_dim;
-  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, kp, pf, nb, s);
+  const int nb = b.count;
+  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, b.k, next ? next->k : nullptr, nb,
+                      s);
   if (a.logits)
     for (int g = 0; g < GT; ++g)
       std::memcpy(a.logits + std::size_t(h0 + g) * a.cap + done, s[g], sizeof(float) * nb);
   block_softmax<GT>(s, nb, a.m + h0, a.l + h0, corr, p);
-  block_values<T, GT>(vp, nb, a.dpad, d, p, corr, a.acc + std::size_t(h0) * a.dpad);
+  block_values<T, GT>(b.v, next ? next->v : nullptr, nb, a.dpad, d, p, corr,
+                      a.acc + std::size_t(h0) * a.dpad);
 }
 
 template <class T>
 DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>& a,
-                                 const T* const* kp, const T* const* vp, const T* const* pf, int nb,
+                                 const decode_block_slots<T>& b, const decode_block_slots<T>* next,
                                  int done) {
   // Heads in tiles of 4, 2, 1: a tile's accumulators fit the 16 registers of AVX2; a group of
   // more than 4 heads reads the block's K/V again from L1 for each further tile.
   for (int h0 = 0; h0 < a.group;) {
     const int left = a.group - h0;
     if (left >= 4) {
-      decode_block_tile<T, 4>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      decode_block_tile<T, 4>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 4;
     } else if (left >= 2) {
-      decode_block_tile<T, 2>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      decode_block_tile<T, 2>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 2;
     } else {
-      decode_block_tile<T, 1>(a, h0, kp, vp, h0 == 0 ? pf : nullptr, nb, done);
+      decode_block_tile<T, 1>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 1;
     }
   }
 }
 
 /// One work item: the pages [first, first + num_pages) of a row's read list, block by block.
+/// The walk gathers each block's live slots one block ahead of the arithmetic, so that the
+/// block being computed prefetches the next one.
 template <class T>
 void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
   constexpr int nblk = decode_block_keys;
@@ -257,49 +271,39 @@ void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
   }
   std::fill(a.acc, a.acc + std::size_t(a.group) * a.dpad, 0.0f);
 
-  const auto logical_page = [&](int i) { return a.pages ? a.pages[i] : a.first_page + i; };
-  // Prefetch runs this many pages ahead (at least two blocks of keys).
-  const int ahead = std::max(1, (2 * nblk + ps - 1) / ps);
-
-  const T* kp[nblk];
-  const T* vp[nblk];
-  const T* pf[2 * nblk];  // per key of the block: the key `ahead` pages later, and its value
-  int nb = 0, done = 0;
-  for (int i = 0; i < a.num_pages; ++i) {
-    const int lp = logical_page(i);
-    const std::int64_t base = std::int64_t(vw.page(a.row, lp)) * ps;
-    const int count = std::min(ps, a.length - lp * ps);
-    const std::int32_t* pos = vw.position + base;
-    const T* kpage = vw.k + base * d;
-    const T* vpage = vw.v + base * d;
-    const T* knext = nullptr;
-    const T* vnext = nullptr;
-    int next_count = 0;
-    if (i + ahead < a.num_pages) {
-      const int np = logical_page(i + ahead);
-      const std::int64_t nbase = std::int64_t(vw.page(a.row, np)) * ps;
-      knext = vw.k + nbase * d;
-      vnext = vw.v + nbase * d;
-      next_count = std::min(ps, a.length - np * ps);
-    }
-    for (int s = 0; s < count; ++s) {
-      if (pos[s] < 0) continue;  // a hole
-      const bool ahead_ok = s < next_count;
-      pf[2 * nb] = ahead_ok ? knext + std::size_t(s) * d : nullptr;
-      pf[2 * nb + 1] = ahead_ok ? vnext + std::size_t(s) * d : nullptr;
-      kp[nb] = kpage + std::size_t(s) * d;
-      vp[nb] = vpage + std::size_t(s) * d;
-      if (a.slots) a.slots[done + nb] = lp * ps + s;
-      if (++nb == nblk) {
-        decode_block(a, kp, vp, pf, nb, done);
-        done += nb;
-        nb = 0;
+  // The walk's position: index i into the item's pages, slot s of that page.
+  int wi = 0, ws = 0;
+  const auto gather = [&](decode_block_slots<T>& b) {
+    b.count = 0;
+    for (; wi < a.num_pages; ++wi, ws = 0) {
+      const int lp = a.pages ? a.pages[wi] : a.first_page + wi;
+      const std::int64_t base = std::int64_t(vw.page(a.row, lp)) * ps;
+      const int count = std::min(ps, a.length - lp * ps);
+      const std::int32_t* pos = vw.position + base;
+      for (; ws < count; ++ws) {
+        if (pos[ws] < 0) continue;  // a hole
+        if (b.count == nblk) return;
+        b.k[b.count] = vw.k + (base + ws) * d;
+        b.v[b.count] = vw.v + (base + ws) * d;
+        b.slot[b.count] = lp * ps + ws;
+        ++b.count;
       }
     }
-  }
-  if (nb > 0) {
-    decode_block(a, kp, vp, pf, nb, done);
-    done += nb;
+    std::fill(b.k + b.count, b.k + nblk, nullptr);
+    std::fill(b.v + b.count, b.v + nblk, nullptr);
+  };
+
+  decode_block_slots<T> blocks[2];
+  int cur = 0, done = 0;
+  gather(blocks[cur]);
+  while (blocks[cur].count > 0) {
+    const decode_block_slots<T>& b = blocks[cur];
+    decode_block_slots<T>& next = blocks[cur ^ 1];
+    gather(next);
+    if (a.slots) std::copy(b.slot, b.slot + b.count, a.slots + done);
+    decode_block(a, b, next.count > 0 ? &next : nullptr, done);
+    done += b.count;
+    cur ^= 1;
   }
   *a.count = done;
 }
