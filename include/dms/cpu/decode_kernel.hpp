@@ -10,6 +10,8 @@
 //   softmax  running max m_g, sum l_g (online: earlier output shrinks by exp(m_old - m_new))
 //   PV  acc_g += exp(s[g][j] - m_g) v_j   four keys at a time, their value rows read side by
 //                                     side in address order, chunk by chunk of 2 * width channels
+// While a block is computed, the next one's keys (during QK) and values (during PV) are
+// prefetched, a row for every row consumed.
 // The item's (m, l, acc) is merged with the row's other items by decode_plan.hpp, in chunk order,
 // so the result never depends on which thread ran which item. Each key's logits can be kept for
 // the policies that fold probabilities into scores (TOVA, H2O) once the row's lse is known.
