@@ -85,8 +85,9 @@ inline simd_level detect_simd_level() {
   const bool fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1,
              f16c = (c >> 29) & 1;
   if (!(fma && osxsave && avx && f16c)) return simd_level::vec128;
-  unsigned xcr0 = 0, xcr0_hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const unsigned long long xcr0 = (static_cast<unsigned long long>(xcr0_hi) << 32) | xcr0_lo;
   if ((xcr0 & 0x6u) != 0x6u) return simd_level::vec128;
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = (b >> 5) & 1;
