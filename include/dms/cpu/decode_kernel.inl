@@ -10,10 +10,10 @@ inline constexpr int decode_block_keys = 16;
 /// Prefetches one K or V row (null: nothing) into L2, ahead of its use. A row's pages are
 /// scattered through the pool and the hardware prefetcher starts over at each, so the kernel
 /// fetches the next block's rows itself, spread over the current block's arithmetic at the rate
-/// it consumes rows: its keys during the QK pass, its values during the PV pass (a burst of all
-/// of them at once stalls on the miss buffers). Measured on Zen 3 at 16K tokens in
-/// docs/performance.md. Call it directly, never from a lambda: GCC 12 deletes a lambda call
-/// whose body only prefetches (no prefetch instruction is left in the compiled kernel).
+/// it consumes rows: its keys during the QK pass, its values during the PV pass (measured on
+/// Zen 3 at 16K tokens: docs/performance.md, "Reading the CPU numbers"). Call it directly,
+/// never from a lambda: GCC 12 deletes a lambda call whose body only prefetches (no prefetch
+/// instruction was left in the compiled kernel; tests/codegen checks it).
 template <class T>
 DMS_CPU_INLINE void prefetch_row(const T* row, int d) {
   if (!row) return;
@@ -271,7 +271,7 @@ void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
   }
   std::fill(a.acc, a.acc + std::size_t(a.group) * a.dpad, 0.0f);
 
-  // The walk's position: index i into the item's pages, slot s of that page.
+  // The walk's position: wi indexes the item's pages, ws is the slot within that page.
   int wi = 0, ws = 0;
   const auto gather = [&](decode_block_slots<T>& b) {
     b.count = 0;
