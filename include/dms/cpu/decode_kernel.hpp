@@ -8,8 +8,9 @@
 //   QK  s[g][j] = q_g . k_j           two keys at a time; one load of a key feeds every head of
 //                                     the tile, one load of a query chunk both keys
 //   softmax  running max m_g, sum l_g (online: earlier output shrinks by exp(m_old - m_new))
-//   PV  acc_g += exp(s[g][j] - m_g) v_j   four keys at a time, their value rows read side by
-//                                     side in address order, chunk by chunk of 2 * width channels
+//   PV  acc_g += exp(s[g][j] - m_g) v_j   chunk by chunk of 2 * width channels: a chunk's
+//                                     accumulators stay in registers while every key of the
+//                                     block adds to them
 // While a block is computed, the next one's keys (during QK) and values (during PV) are
 // prefetched, a row for every row consumed.
 // The item's (m, l, acc) is merged with the row's other items by decode_plan.hpp, in chunk order,
@@ -17,7 +18,8 @@
 // the policies that fold probabilities into scores (TOVA, H2O) once the row's lse is known.
 //
 // The kernel is written once (decode_kernel.inl) and compiled for every SIMD level in that
-// level's namespace and target region; decode_chunk_kernel() picks one at run time.
+// level's namespace and target region, with a walk for head_dim 64 and 128 besides the one for
+// any head_dim; decode_kernels_for() picks the level at run time.
 
 #include <algorithm>
 #include <cmath>

@@ -136,74 +136,53 @@ DMS_CPU_INLINE void block_softmax(float (*DMS_CPU_RESTRICT s)[decode_block_keys]
   }
 }
 
-/// acc_g += sum_k p[g][j0 + k] v_(j0 + k) for the KG keys from j0 and GT heads, chunk by chunk
-/// of 2 * width channels. The KG value rows are read side by side, each in address order, which
-/// the hardware prefetcher follows (a chunk of every key of the block in turn is a stride it
-/// does not). Each head's two accumulators of a chunk make a chain of KG FMAs; the GT heads and
-/// the chunks are independent chains.
-template <class T, int GT, int KG>
-DMS_CPU_INLINE void group_values(const T* const* vp, int j0, int dpad, int d,
-                                 const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
-                                 float* DMS_CPU_RESTRICT acc) {
-  constexpr int cw = 2 * width;
-  const int nfull = d / cw, rem = d - nfull * cw;
-  for (int c = 0; c < nfull + (rem ? 1 : 0); ++c) {
-    vf va[KG], vb[KG];
-    for (int k = 0; k < KG; ++k) {
-      if (c < nfull)
-        load_pair(vp[j0 + k] + c * cw, va[k], vb[k]);
-      else
-        load_pair_partial(vp[j0 + k] + nfull * cw, rem, va[k], vb[k]);
-    }
-    for (int g = 0; g < GT; ++g) {
-      float* o = acc + std::size_t(g) * dpad + c * cw;
-      vf oa = load(o), ob = load(o + width);
-      for (int k = 0; k < KG; ++k) {
-        const vf pk = set1(p[g][j0 + k]);
-        oa = madd(pk, va[k], oa);
-        ob = madd(pk, vb[k], ob);
-      }
-      store(o, oa);
-      store(o + width, ob);
-    }
-  }
-}
-
-/// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads: the rescale (skipped where the max
-/// did not move, a factor of exactly 1), then the keys four at a time, each group prefetching
-/// as many values of the next block (next_v, or null). Each channel sums its terms in key
-/// order, as a chunk-by-chunk pass over the whole block would.
+/// acc_g = acc_g * corr_g + sum_j p[g][j] v_j for GT heads, chunk by chunk of 2 * width
+/// channels: a chunk's 2 * GT accumulators stay in registers while the block's keys add to them
+/// one by one, so the accumulators are loaded and stored once per block (a pass per group of
+/// keys reloads them every group). Each channel sums its terms in key order. The next block's
+/// value rows (next_v, or null) are prefetched spread evenly over the chunks.
 template <class T, int GT>
 DMS_CPU_INLINE void block_values(const T* const* vp, const T* const* next_v, int nb, int dpad,
                                  int d, const float (*DMS_CPU_RESTRICT p)[decode_block_keys],
                                  const float* DMS_CPU_RESTRICT corr, float* DMS_CPU_RESTRICT acc) {
-  for (int g = 0; g < GT; ++g) {
-    if (corr[g] == 1.0f) continue;
-    const vf cg = set1(corr[g]);
-    float* o = acc + std::size_t(g) * dpad;
-    for (int e = 0; e < dpad; e += width) store(o + e, load(o + e) * cg);
-  }
-  int j = 0;
-  for (; j + 4 <= nb; j += 4) {
+  constexpr int cw = 2 * width;
+  const int nfull = d / cw, rem = d - nfull * cw;
+  const int nchunks = nfull + (rem ? 1 : 0);
+  int fetched = 0;  // next_v rows prefetched so far
+  for (int c = 0; c < nchunks; ++c) {
     if (next_v)
-      for (int t = j; t < j + 4; ++t) prefetch_row(next_v[t], d);
-    group_values<T, GT, 4>(vp, j, dpad, d, p, acc);
+      for (const int until = (c + 1) * decode_block_keys / nchunks; fetched < until; ++fetched)
+        prefetch_row(next_v[fetched], d);
+    vf oa[GT], ob[GT];
+    for (int g = 0; g < GT; ++g) {
+      const float* o = acc + std::size_t(g) * dpad + c * cw;
+      oa[g] = load(o);
+      ob[g] = load(o + width);
+      if (corr[g] != 1.0f) {  // the max moved: shrink what was accumulated
+        const vf cg = set1(corr[g]);
+        oa[g] = oa[g] * cg;
+        ob[g] = ob[g] * cg;
+      }
+    }
+    for (int j = 0; j < nb; ++j) {
+      vf va, vb;
+      if (c < nfull)
+        load_pair(vp[j] + c * cw, va, vb);
+      else
+        load_pair_partial(vp[j] + nfull * cw, rem, va, vb);
+      for (int g = 0; g < GT; ++g) {
+        const vf pj = set1(p[g][j]);
+        oa[g] = madd(pj, va, oa[g]);
+        ob[g] = madd(pj, vb, ob[g]);
+      }
+    }
+    for (int g = 0; g < GT; ++g) {
+      float* o = acc + std::size_t(g) * dpad + c * cw;
+      store(o, oa[g]);
+      store(o + width, ob[g]);
+    }
   }
-  if (next_v)
-    for (int t = j; t < nb; ++t) prefetch_row(next_v[t], d);
-  switch (nb - j) {
-    case 3:
-      group_values<T, GT, 3>(vp, j, dpad, d, p, acc);
-      break;
-    case 2:
-      group_values<T, GT, 2>(vp, j, dpad, d, p, acc);
-      break;
-    case 1:
-      group_values<T, GT, 1>(vp, j, dpad, d, p, acc);
-      break;
-    default:
-      break;
-  }
+  for (; next_v && fetched < decode_block_keys; ++fetched) prefetch_row(next_v[fetched], d);
 }
 
 /// The live slots of one block of the walk: their K and V rows and their slots. Past `count`
@@ -217,26 +196,28 @@ struct decode_block_slots {
 };
 
 /// One block for heads [h0, h0 + GT) of the group; `next` (or null) is prefetched meanwhile.
-template <class T, int GT>
+/// D is the head_dim when the walk was compiled for one (0: read it from the view).
+template <class T, int GT, int D>
 DMS_CPU_INLINE void decode_block_tile(const ::dms::cpu::detail::decode_chunk_args<T>& a, int h0,
                                       const decode_block_slots<T>& b,
                                       const decode_block_slots<T>* next, int done) {
   alignas(64) float s[GT][decode_block_keys];
   alignas(64) float p[GT][decode_block_keys];
   float corr[GT];
-  const int d = a.view.head_dim;
+  constexpr int cw = 2 * width;
+  const int d = D > 0 ? D : a.view.head_dim;
+  const int dpad = D > 0 ? (D + cw - 1) / cw * cw : a.dpad;
   const int nb = b.count;
-  block_logits<T, GT>(a.q + std::size_t(h0) * a.dpad, a.dpad, d, b.k, next ? next->k : nullptr, nb,
-                      s);
+  block_logits<T, GT>(a.q + std::size_t(h0) * dpad, dpad, d, b.k, next ? next->k : nullptr, nb, s);
   if (a.logits)
     for (int g = 0; g < GT; ++g)
       std::memcpy(a.logits + std::size_t(h0 + g) * a.cap + done, s[g], sizeof(float) * nb);
   block_softmax<GT>(s, nb, a.m + h0, a.l + h0, corr, p);
-  block_values<T, GT>(b.v, next ? next->v : nullptr, nb, a.dpad, d, p, corr,
-                      a.acc + std::size_t(h0) * a.dpad);
+  block_values<T, GT>(b.v, next ? next->v : nullptr, nb, dpad, d, p, corr,
+                      a.acc + std::size_t(h0) * dpad);
 }
 
-template <class T>
+template <class T, int D>
 DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>& a,
                                  const decode_block_slots<T>& b, const decode_block_slots<T>* next,
                                  int done) {
@@ -245,13 +226,13 @@ DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>&
   for (int h0 = 0; h0 < a.group;) {
     const int left = a.group - h0;
     if (left >= 4) {
-      decode_block_tile<T, 4>(a, h0, b, h0 == 0 ? next : nullptr, done);
+      decode_block_tile<T, 4, D>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 4;
     } else if (left >= 2) {
-      decode_block_tile<T, 2>(a, h0, b, h0 == 0 ? next : nullptr, done);
+      decode_block_tile<T, 2, D>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 2;
     } else {
-      decode_block_tile<T, 1>(a, h0, b, h0 == 0 ? next : nullptr, done);
+      decode_block_tile<T, 1, D>(a, h0, b, h0 == 0 ? next : nullptr, done);
       h0 += 1;
     }
   }
@@ -259,12 +240,12 @@ DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>&
 
 /// One work item: the pages [first, first + num_pages) of a row's read list, block by block.
 /// The walk gathers each block's live slots one block ahead of the arithmetic, so that the
-/// block being computed prefetches the next one.
-template <class T>
-void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
+/// block being computed prefetches the next one. D: as in decode_block_tile.
+template <class T, int D>
+void decode_walk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
   constexpr int nblk = decode_block_keys;
   const auto& vw = a.view;
-  const int ps = vw.page_size, d = vw.head_dim;
+  const int ps = vw.page_size, d = D > 0 ? D : vw.head_dim;
   for (int g = 0; g < a.group; ++g) {
     a.m[g] = -std::numeric_limits<float>::infinity();
     a.l[g] = 0.0f;
@@ -301,11 +282,29 @@ void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
     decode_block_slots<T>& next = blocks[cur ^ 1];
     gather(next);
     if (a.slots) std::copy(b.slot, b.slot + b.count, a.slots + done);
-    decode_block(a, b, next.count > 0 ? &next : nullptr, done);
+    decode_block<T, D>(a, b, next.count > 0 ? &next : nullptr, done);
     done += b.count;
     cur ^= 1;
   }
   *a.count = done;
+}
+
+/// One work item. The common head dims get a walk compiled for them: with the chunk loops'
+/// trip counts known, the compiler unrolls them and keeps the accumulators in registers, which
+/// measured about a third less time per key than the walk for any head_dim (docs/performance.md).
+template <class T>
+void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
+  switch (a.view.head_dim) {
+    case 64:
+      decode_walk<T, 64>(a);
+      break;
+    case 128:
+      decode_walk<T, 128>(a);
+      break;
+    default:
+      decode_walk<T, 0>(a);
+      break;
+  }
 }
 
 /// out[j] = sum_g exp(logits[g][j] - lse[g]) for j < n: a key's probability summed over the
