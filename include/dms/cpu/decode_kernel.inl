@@ -10,10 +10,10 @@ inline constexpr int decode_block_keys = 16;
 /// Prefetches one K or V row (null: nothing) into L2, ahead of its use. A row's pages are
 /// scattered through the pool and the hardware prefetcher starts over at each, so the kernel
 /// fetches the next block's rows itself, spread over the current block's arithmetic at the rate
-/// it consumes rows: its keys during the QK pass, its values during the PV pass (measured on
-/// Zen 3 at 16K tokens: docs/performance.md, "Reading the CPU numbers"). Call it directly,
-/// never from a lambda: GCC 12 deletes a lambda call whose body only prefetches (no prefetch
-/// instruction was left in the compiled kernel; tests/codegen checks it).
+/// it consumes rows: its keys during the QK pass, its values during the PV pass (without them
+/// decode at 16K tokens takes up to 2x as long on Zen 3 and Zen 5: docs/performance.md). Call it
+/// directly, never from a lambda: GCC 12 deletes a lambda call whose body only prefetches (no
+/// prefetch instruction was left in the compiled kernel; tests/codegen checks it).
 template <class T>
 DMS_CPU_INLINE void prefetch_row(const T* row, int d) {
   if (!row) return;
