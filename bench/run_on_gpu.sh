@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Everything that needs a GPU, on one machine that has both nvcc and a GPU: the two steps of the
-# GPU check back to back (bench/gpu_check/pack.sh, then <pack>/run.sh; docs/performance.md).
+# GPU check back to back (bench/gpu_check/pack.sh, then <pack>/run.sh; docs/performance/gpu.md).
 #
 #   bench/run_on_gpu.sh [OUTDIR]          (default: build/gpu-check)
 #

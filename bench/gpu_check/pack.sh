@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # The GPU check, step 1 of 2 (a CPU machine with nvcc): build what needs a GPU and pack it, with
 # everything it needs at run time that a bare GPU machine lacks, into one folder that travels to
-# the GPU machine as it is. Step 2 is <pack>/run.sh, on the GPU machine (docs/performance.md).
+# the GPU machine as it is. Step 2 is <pack>/run.sh, on the GPU machine (docs/performance/gpu.md).
 #
 #   bench/gpu_check/pack.sh [--out DIR] [--build-dir DIR] [--reuse] [--jobs N]
 #

@@ -25,7 +25,7 @@
 #
 # OUTDIR receives at most 8 files, written as the steps go (so a run cut short still leaves
 # them): summary.md, tests.log, sanitize.log, examples.log, bench.log, bench.json,
-# torch_decode.json, torch_prefill.json. With the device tool: docs/performance.md.
+# torch_decode.json, torch_prefill.json. With the device tool: docs/performance/gpu.md.
 set -uo pipefail
 
 pack=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

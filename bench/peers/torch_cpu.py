@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""Peer baseline: torch attention on the CPU, for docs/performance.md (the CPU fast path).
+"""Peer baseline: torch attention on the CPU, for docs/performance/cpu_fast_path.md.
 
 The shapes of bench/cpu_fast.cpp: GQA with 32 query heads and 8 KV heads, head_dim 128.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""Peer baseline: torch SDPA decode on a GPU, for docs/performance.md.
+"""Peer baseline: torch SDPA decode on a GPU, for docs/performance/gpu.md.
 
 One query token per sequence attends to a dense KV cache: GQA with 32 query heads and 8 KV
 heads, head_dim 128, bf16, batch x context in {1,4,16,64} x {1K,4K,16K,32K}, with the cuDNN

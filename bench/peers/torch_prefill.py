@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""Peer baselines: torch prefill attention on a GPU, for docs/performance.md (issue 4).
+"""Peer baselines: torch prefill attention on a GPU, for docs/performance/gpu.md (issue 4).
 
 A whole prompt of T tokens attends to itself causally: GQA with 32 query heads and 8 KV heads,
 head_dim 128, bf16, batch 1, T in {4K, 16K, 32K}. Backends:

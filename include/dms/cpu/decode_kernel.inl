@@ -11,7 +11,7 @@ inline constexpr int decode_block_keys = 16;
 /// scattered through the pool and the hardware prefetcher starts over at each, so the kernel
 /// fetches the next block's rows itself, spread over the current block's arithmetic at the rate
 /// it consumes rows: its keys during the QK pass, its values during the PV pass (without them
-/// decode at 16K tokens takes up to 2x as long on Zen 3 and Zen 5: docs/performance.md). Call it
+/// decode at 16K tokens takes up to 2x as long on Zen 3 and Zen 5: docs/performance/). Call it
 /// directly, never from a lambda: GCC 12 deletes a lambda call whose body only prefetches (no
 /// prefetch instruction was left in the compiled kernel; tests/codegen checks it).
 template <class T>
@@ -292,7 +292,7 @@ void decode_walk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
 /// One work item. The common head dims get a walk compiled for them: with the chunk loops'
 /// trip counts known, the compiler unrolls them and keeps the accumulators in registers: on
 /// Zen 5 with K/V in L3, 30% less time per key than the walk for any head_dim with AVX-512, 0-10%
-/// with AVX2 (docs/performance.md).
+/// with AVX2 (docs/performance/cpu_fast_path.md).
 template <class T>
 void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
   switch (a.view.head_dim) {
