@@ -418,20 +418,27 @@ TEMPLATE_TEST_CASE("view().key/value point at what append wrote, rounded to the 
   const int H = 2, d = 5;
   dms::paged_cache<T> cache(small_config(H, d, 4));
   const int s0 = cache.add_sequence(), s1 = cache.add_sequence();
-  // Values that are not representable in 16 bits, so the rounding shows.
-  const auto k_in = [](int s, int h, int t, int c) {
-    return 0.1f * float(t + 1) + 0.013f * float(c) - 0.7f * float(h + s);
-  };
-  const auto v_in = [](int s, int h, int t, int c) { return 1.0f / float(3 + t + c + h + s); };
+  // Values that are not representable in 16 bits, so the rounding shows. Computed once and kept:
+  // the same expression inlined twice may round differently where the compiler contracts a * b + c
+  // into a fused multiply-add at one site and not the other (GCC on AArch64 does by default).
+  std::vector<float> k_all, v_all;  // [t][s][h][c]
   for (int t = 0; t < 7; ++t)
-    for (int s : {s0, s1}) {
-      std::vector<float> k, v;
+    for (int s : {s0, s1})
       for (int h = 0; h < H; ++h)
         for (int c = 0; c < d; ++c) {
-          k.push_back(k_in(s, h, t, c));
-          v.push_back(v_in(s, h, t, c));
+          k_all.push_back(0.1f * float(t + 1) + 0.013f * float(c) - 0.7f * float(h + s));
+          v_all.push_back(1.0f / float(3 + t + c + h + s));
         }
-      cache.append(s, k, v);
+  const auto at = [&](int s, int h, int t, int c) {
+    return ((std::size_t(t) * 2 + std::size_t(s == s1)) * H + std::size_t(h)) * d + std::size_t(c);
+  };
+  const auto k_in = [&](int s, int h, int t, int c) { return k_all[at(s, h, t, c)]; };
+  const auto v_in = [&](int s, int h, int t, int c) { return v_all[at(s, h, t, c)]; };
+  for (int t = 0; t < 7; ++t)
+    for (int s : {s0, s1}) {
+      const std::size_t first = at(s, 0, t, 0), n = std::size_t(H) * d;
+      cache.append(s, std::span<const float>(k_all.data() + first, n),
+                   std::span<const float>(v_all.data() + first, n));
     }
 
   const dms::cache_view<T> view = cache.view();

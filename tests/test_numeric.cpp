@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Conversions are checked against independent references rather than hand-picked values alone:
-// the compiler's _Float16 (libgcc soft-float, round-to-nearest-even) for half, and a double-based
-// nearest-neighbour search for bfloat16. Mismatches are counted and the first one reported, so a
+// the compiler's own half type (_Float16, or __fp16 on AArch64; round-to-nearest-even) for half,
+// and a double-based nearest-neighbour search for bfloat16. Mismatches are counted and the first one reported, so a
 // broken rounding rule fails with a concrete bit pattern instead of millions of assertions.
 
 #include <catch2/catch.hpp>
@@ -37,8 +37,16 @@ bool bf16_is_nan(std::uint16_t b) {
   return (b & 0x7f80u) == 0x7f80u && (b & 0x007fu) != 0;
 }
 
+// The compiler's own IEEE half as the oracle: on AArch64, GCC 12's C++ has __fp16 (ACLE, IEEE
+// format, conversions round to nearest even) but not _Float16.
+#if defined(__ARM_FP16_FORMAT_IEEE)
+using compiler_half = __fp16;
+#else
+using compiler_half = _Float16;
+#endif
+
 std::uint16_t ref_half(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
+  const compiler_half h = static_cast<compiler_half>(f);
   std::uint16_t u;
   std::memcpy(&u, &h, sizeof u);
   return u;
@@ -117,7 +125,7 @@ TEST_CASE("every half bit pattern round-trips through float", "[numeric]") {
   for (std::uint32_t b = 0; b <= 0xffffu; ++b) {
     const auto h = dms::half::from_bits(static_cast<std::uint16_t>(b));
     const float f = dms::to_float(h);
-    _Float16 ref;
+    compiler_half ref;
     std::memcpy(&ref, &h.bits, sizeof ref);
     const float want = static_cast<float>(ref);
     // Widening is exact, so the float bits must match the compiler's exactly (NaN payloads aside).

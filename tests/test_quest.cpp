@@ -64,9 +64,15 @@ void stored_bounds(const quest_cache<T>& cache, int row, int page, std::vector<f
     }
 }
 
+// Each product rounded before it is added, as quest_rule::upper_bound adds them: without the
+// volatile, GCC on AArch64 fuses a[c] * b[c] + s into one rounding (it contracts by default), and
+// the bound's exact equality for one-key pages and U >= q.k would be off by an ulp.
 float dot(const float* a, const float* b, int d) {
   float s = 0.0f;
-  for (int c = 0; c < d; ++c) s += a[c] * b[c];
+  for (int c = 0; c < d; ++c) {
+    const volatile float product = a[c] * b[c];
+    s += product;
+  }
   return s;
 }
 
