@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Conversions are checked against independent references rather than hand-picked values alone:
 // the compiler's own half type (_Float16, or __fp16 on AArch64; round-to-nearest-even) for half,
-// and a double-based nearest-neighbour search for bfloat16. Mismatches are counted and the first one reported, so a
-// broken rounding rule fails with a concrete bit pattern instead of millions of assertions.
+// and a double-based nearest-neighbour search for bfloat16. Mismatches are counted and the first
+// one reported, so a broken rounding rule fails with a concrete bit pattern instead of millions of
+// assertions.
 
 #include <catch2/catch.hpp>
 #include <cmath>
