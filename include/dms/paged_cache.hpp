@@ -156,11 +156,14 @@ class paged_cache {
   /// Validates cfg (and the policy against it: a DMS window or a budget that cannot fit in a row
   /// is an error here, not at the first full row) before anything is allocated. Per-sequence
   /// storage (hole lists, policy row state) is allocated by add_sequence, so an unused sequence
-  /// slot costs a few bytes per row.
-  explicit paged_cache(const cache_config& cfg, Policy policy = Policy{})
+  /// slot costs a few bytes per row. `placement` chooses which free page a growing row gets
+  /// (dms/page_placement.hpp): `adjacent` is for CPU readers, `stack` (the default) is what the
+  /// batched step and the device caches reproduce page for page.
+  explicit paged_cache(const cache_config& cfg, Policy policy = Policy{},
+                       page_placement placement = page_placement::stack)
       : cfg_((cfg.validate(sizeof(T), Policy::keeps_scores, Policy::needs_page_bounds), cfg)),
         policy_((policy.derived().check_config(cfg), std::move(policy))),
-        pool_(cfg_, Policy::keeps_scores, Policy::needs_page_bounds) {
+        pool_(cfg_, Policy::keeps_scores, Policy::needs_page_bounds, placement) {
     const auto rows = std::size_t(cfg_.max_rows());
     try {
       page_table_.assign(rows * cfg_.max_pages_per_row(), -1);
@@ -183,6 +186,7 @@ class paged_cache {
   paged_cache& operator=(const paged_cache&) = delete;
 
   [[nodiscard]] const cache_config& config() const { return cfg_; }
+  [[nodiscard]] page_placement placement() const { return pool_.placement(); }
   [[nodiscard]] Policy& policy() { return policy_; }
   [[nodiscard]] const Policy& policy() const { return policy_; }
 
@@ -677,10 +681,11 @@ class paged_cache {
     }
     const int slot = length_[r];
     if (slot % cfg_.page_size == 0) {
-      const std::int32_t page = pool_.allocate(true);
+      auto* table = page_table_.data() + std::size_t(r) * cfg_.max_pages_per_row();
+      const int p = slot / cfg_.page_size;
+      const std::int32_t page = pool_.allocate(true, p > 0 ? table[p - 1] : -1);
       if (j) j->allocated.push_back(page);
-      page_table_[std::size_t(r) * cfg_.max_pages_per_row() + std::size_t(slot / cfg_.page_size)] =
-          page;
+      table[p] = page;
     }
     ++length_[r];
     return slot;
