@@ -29,6 +29,13 @@
 //   page_size/<kv>/{decode,read}/threads:2/batch:B/context:16384/page:P
 //       decode_fast/<kv>/dense and paged_read at page sizes P = 16, 64, 256 (batch 1 and 4):
 //       what the granularity of the layout costs the kernel and the plain read.
+//   adjacent/decode_fast/<kv>/{dense,dms8x}/..., adjacent/paged_read/<kv>/...
+//       The same at two threads over a cache with dms::page_placement::adjacent (each row's pages
+//       in runs rather than interleaved with the other rows'), batch 1/4/16, context 4K/16K/64K.
+//   in_cache/decode_fast/<kv>/dense/threads:N/batch:1/context:C
+//       The dense decode (adjacent pages) at C = 512 and 1024, whose K/V (2-8 MB) stay in the
+//       L2 or L3 between steps: the rate the kernel's arithmetic allows, the ceiling for the
+//       rows from memory. Counters as decode_fast's (the roofline fractions may exceed 1).
 //   prefill_fast/<kv>/<policy>/tokens:T
 //       dms::cpu::prefill of a whole T-token prompt in one chunk into an empty sequence, on the
 //       default thread pool: the attention, the prompt scores, the appends and compress_prompt.
@@ -103,7 +110,8 @@ struct fixture_base {
 
 template <class T, class P>
 struct decode_fixture final : fixture_base {
-  decode_fixture(const dms::cache_config& cfg, P policy) : cache(cfg, std::move(policy)) {}
+  decode_fixture(const dms::cache_config& cfg, P policy, dms::page_placement placement)
+      : cache(cfg, std::move(policy), placement) {}
   dms::paged_cache<T, P> cache;
   std::vector<int> seqs;
   std::vector<float> q, out;
@@ -128,8 +136,8 @@ float dms8x_logit(std::int64_t t, int context) {
 }
 
 template <class T, class P>
-std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy,
-                                                   int ps = page_size) {
+std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const P& policy, int ps,
+                                                   dms::page_placement placement) {
   // Room for context + 1 tokens: TOVA with budget = context holds budget + 1 before it evicts.
   const int pages_per_row = context / ps + 1;
   dms::cache_config cfg;
@@ -140,7 +148,7 @@ std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const
   cfg.max_sequences = batch;
   cfg.max_row_slots = pages_per_row * ps;
   cfg.max_pages = batch * kv_heads * pages_per_row;
-  auto fx = std::make_unique<decode_fixture<T, P>>(cfg, policy);
+  auto fx = std::make_unique<decode_fixture<T, P>>(cfg, policy, placement);
   const std::size_t kn = std::size_t(kv_heads) * head_dim;
   const auto& tv = token_vectors();
   std::vector<float> logits(kv_heads);
@@ -163,22 +171,22 @@ std::unique_ptr<decode_fixture<T, P>> build_decode(int batch, int context, const
 /// The cache of benchmark `name` at this shape, built on first use; one cache is alive at a time.
 template <class T, class P>
 decode_fixture<T, P>& decode_fixture_for(const std::string& name, int batch, int context,
-                                         const P& policy, int ps) {
-  const std::string key =
-      name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" + std::to_string(ps);
+                                         const P& policy, int ps, dms::page_placement placement) {
+  const std::string key = name + "/" + std::to_string(batch) + "/" + std::to_string(context) + "/" +
+                          std::to_string(ps) + "/" + dms::page_placement_name(placement);
   auto& slot = current_fixture();
   if (slot.key != key) {
     slot.fixture.reset();  // free the old cache before building the next
     slot.key.clear();
-    slot.fixture = build_decode<T, P>(batch, context, policy, ps);
+    slot.fixture = build_decode<T, P>(batch, context, policy, ps, placement);
     slot.key = key;
   }
   return static_cast<decode_fixture<T, P>&>(*slot.fixture);
 }
 
 template <class T, class P>
-void bm_decode_fast(benchmark::State& state, const std::string& name, P policy,
-                    int ps = page_size) {
+void bm_decode_fast(benchmark::State& state, const std::string& name, P policy, int ps = page_size,
+                    dms::page_placement placement = dms::page_placement::stack) {
   const int threads = int(state.range(0)), batch = int(state.range(1));
   const int context = int(state.range(2));
   const double full_kv = double(batch) * kv_heads * context * head_dim * 2.0 * sizeof(T);
@@ -186,7 +194,7 @@ void bm_decode_fast(benchmark::State& state, const std::string& name, P policy,
     state.SkipWithError("K/V above DMS_BENCH_MAX_KV_GB");
     return;
   }
-  auto& fx = decode_fixture_for<T>(name, batch, context, policy, ps);
+  auto& fx = decode_fixture_for<T>(name, batch, context, policy, ps, placement);
   dms::cpu::executor& exec = pool(threads);
   const std::span<const int> seqs(fx.seqs);
   dms::cpu::decode_attention(fx.cache, seqs, fx.q, fx.out, {}, exec);  // warm the workspace
@@ -255,7 +263,8 @@ std::uint32_t read_words(const std::uint32_t* p, std::size_t n) {
 }
 
 template <class T>
-void bm_paged_read(benchmark::State& state, const std::string& kv, int ps = page_size) {
+void bm_paged_read(benchmark::State& state, const std::string& kv, int ps = page_size,
+                   dms::page_placement placement = dms::page_placement::stack) {
   using P = dms::dense_policy;
   const int threads = int(state.range(0)), batch = int(state.range(1));
   const int context = int(state.range(2));
@@ -265,7 +274,8 @@ void bm_paged_read(benchmark::State& state, const std::string& kv, int ps = page
     return;
   }
   // The dense decode benchmark's cache (shared with it when they run back to back).
-  auto& fx = decode_fixture_for<T>("decode_fast/" + kv + "/dense", batch, context, P{}, ps);
+  auto& fx =
+      decode_fixture_for<T>("decode_fast/" + kv + "/dense", batch, context, P{}, ps, placement);
   const auto view = fx.cache.view();
 
   struct item {
@@ -339,6 +349,48 @@ void register_page_size(const std::string& kv) {
   const std::string read = "page_size/" + kv + "/read";
   shapes(benchmark::RegisterBenchmark(
       read.c_str(), [kv](benchmark::State& s) { bm_paged_read<T>(s, kv, int(s.range(3))); }));
+}
+
+/// adjacent/{decode_fast/<kv>/{dense,dms8x},paged_read/<kv>}/threads:2/batch:B/context:C: the
+/// same benchmarks over a cache with page_placement::adjacent, where each row's pages form runs.
+template <class T>
+void register_adjacent(const std::string& kv) {
+  const auto shapes = [](benchmark::internal::Benchmark* b) {
+    b->ArgNames({"threads", "batch", "context"})
+        ->ArgsProduct({{2}, {1, 4, 16}, {4096, 16384, 65536}})
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
+  };
+  constexpr auto adjacent = dms::page_placement::adjacent;
+  // Fixture names as decode_fast's (the cache key adds the placement), so that the dense decode
+  // and the plain read share one cache when they alternate.
+  const std::string dense = "decode_fast/" + kv + "/dense";
+  shapes(benchmark::RegisterBenchmark(("adjacent/" + dense).c_str(), [dense](benchmark::State& s) {
+    bm_decode_fast<T>(s, dense, dms::dense_policy{}, page_size, adjacent);
+  }));
+  const std::string dms8x = "decode_fast/" + kv + "/dms8x";
+  shapes(benchmark::RegisterBenchmark(("adjacent/" + dms8x).c_str(), [dms8x](benchmark::State& s) {
+    bm_decode_fast<T>(s, dms8x, dms::dms_policy{{.window = dms_window}}, page_size, adjacent);
+  }));
+  const std::string read = "adjacent/paged_read/" + kv;
+  shapes(benchmark::RegisterBenchmark(
+      read.c_str(), [kv](benchmark::State& s) { bm_paged_read<T>(s, kv, page_size, adjacent); }));
+}
+
+/// in_cache/decode_fast/<kv>/dense/threads:N/batch:1/context:C: the dense decode over K/V small
+/// enough to stay in cache, what the kernel does when memory is not the limit.
+template <class T>
+void register_in_cache(const std::string& kv) {
+  const std::string dense = "decode_fast/" + kv + "/dense";
+  benchmark::RegisterBenchmark(("in_cache/" + dense).c_str(),
+                               [dense](benchmark::State& s) {
+                                 bm_decode_fast<T>(s, dense, dms::dense_policy{}, page_size,
+                                                   dms::page_placement::adjacent);
+                               })
+      ->ArgNames({"threads", "batch", "context"})
+      ->ArgsProduct({{1, 2}, {1}, {512, 1024}})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
 }
 
 // ---- prefill ---------------------------------------------------------------------------------
@@ -428,6 +480,10 @@ const bool registered = [] {
   register_paged_read<float>("f32");
   register_page_size<dms::bfloat16>("bf16");
   register_page_size<float>("f32");
+  register_adjacent<dms::bfloat16>("bf16");
+  register_adjacent<float>("f32");
+  register_in_cache<dms::bfloat16>("bf16");
+  register_in_cache<float>("f32");
   register_prefill_fast<dms::bfloat16>("bf16", true);
   register_prefill_fast<float>("f32", false);
   return true;

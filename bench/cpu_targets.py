@@ -17,6 +17,8 @@ median and the range:
      other, each with its own repetitions: switching shapes rebuilds the cache); the ratio per round.
   4. torch's unfused f32 prefill time / ours at 4K tokens (16K with --prefill-16k): rounds as in 2.
 
+--placement adjacent measures 1-3 on the adjacent/ rows: caches with dms::page_placement::adjacent.
+
 Run it from the repository root after building the benchmark (cmake --preset release && cmake
 --build build/release --target dms_bench_cpu), with nothing else running:
 
@@ -52,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (targets 2, 3, 4)")
     p.add_argument("--min-time", type=float, default=0.2, help="--benchmark_min_time per repetition")
     p.add_argument("--prefill-16k", action="store_true", help="target 4 at 16K tokens too")
+    p.add_argument("--placement", default="stack", choices=["stack", "adjacent"],
+                   help="the caches' page placement for targets 1-3 (adjacent: the adjacent/ rows)")
     p.add_argument("--out", default="cpu_targets.json")
     return p.parse_args()
 
@@ -79,6 +83,11 @@ def run_bench(args, regex: str, interleave: bool, repetitions: int) -> list:
 
 def by_name(rows: list, prefix: str) -> list:
     return [b for b in rows if b["name"].startswith(prefix)]
+
+
+def prefix(args) -> str:
+    """The benchmark-name prefix of the chosen page placement."""
+    return "adjacent/" if args.placement == "adjacent" else ""
 
 
 def run_torch(args, extra: list) -> list:
@@ -112,7 +121,7 @@ def target1(args, record: dict, table: list) -> None:
     for kv in args.dtypes:
         for batch in args.batches:
             for ctx in args.contexts:
-                name = f"decode_fast/{kv}/dense/threads:2/batch:{batch}/context:{ctx}/"
+                name = f"{prefix(args)}decode_fast/{kv}/dense/threads:2/batch:{batch}/context:{ctx}/"
                 rows = run_bench(args, f"^read_roofline/f32_sum/real_time/threads:2$|^{name}", True,
                                  args.repetitions)
                 roof = [b["bytes_per_second"] for b in by_name(rows, "read_roofline/")]
@@ -132,13 +141,13 @@ def target1(args, record: dict, table: list) -> None:
 def target2(args, record: dict, table: list) -> None:
     ratios = {b: [] for b in args.batches}
     for _ in range(args.rounds):
-        rows = run_bench(args, "^decode_fast/f32/dense/threads:2/batch:[0-9]+/context:16384/",
-                         False, 3)
+        rows = run_bench(args, f"^{prefix(args)}decode_fast/f32/dense/threads:2/batch:[0-9]+/"
+                         "context:16384/", False, 3)
         peer = run_torch(args, ["--kinds", "decode", "--dtypes", "f32", "--contexts", "16384",
                                 "--batches"] + [str(b) for b in args.batches])
         for b in args.batches:
             ours = statistics.median(
-                seconds(r) for r in by_name(rows, f"decode_fast/f32/dense/threads:2/batch:{b}/"))
+                seconds(r) for r in by_name(rows, f"{prefix(args)}decode_fast/f32/dense/threads:2/batch:{b}/"))
             theirs = [p["median_us"] for p in peer if p["batch"] == b][0] * 1e-6
             ratios[b].append(theirs / ours)
     for b in args.batches:
@@ -152,13 +161,13 @@ def target3(args, record: dict, table: list) -> None:
     for kv in args.dtypes:
         ratios = {b: [] for b in args.batches}
         for _ in range(args.rounds):
-            rows = run_bench(args, f"^decode_fast/{kv}/(dense|dms8x)/threads:2/batch:[0-9]+/"
+            rows = run_bench(args, f"^{prefix(args)}decode_fast/{kv}/(dense|dms8x)/threads:2/batch:[0-9]+/"
                              "context:16384/", False, 3)
             for b in args.batches:
                 t = {}
                 for pol in ("dense", "dms8x"):
                     t[pol] = statistics.median(
-                        seconds(r) for r in by_name(rows, f"decode_fast/{kv}/{pol}/threads:2/batch:{b}/"))
+                        seconds(r) for r in by_name(rows, f"{prefix(args)}decode_fast/{kv}/{pol}/threads:2/batch:{b}/"))
                 ratios[b].append(t["dense"] / t["dms8x"])
         for b in args.batches:
             s = summary(ratios[b])
@@ -191,6 +200,7 @@ def main() -> int:
     if not os.path.exists(args.bench):
         sys.exit(f"cpu_targets: {args.bench} not found; build it first (see --help)")
     record = {"args": vars(args)}
+    print(f"page placement (targets 1-3): {args.placement}\n")
     print("| target | shape | measured | ratio: median (range) | goal |")
     print("|---|---|---|---|---|", flush=True)
     steps = {1: target1, 2: target2, 3: target3, 4: target4}

@@ -136,7 +136,10 @@ class engine {
       : m_(m), cfg_(cfg), backend_(o.backend) {
     if (o.threads > 0) pool_ = std::make_unique<dms::cpu::thread_pool>(o.threads);
     exec_ = pool_ ? pool_.get() : &dms::cpu::default_executor();
-    for (int l = 0; l < m.cfg.n_layers; ++l) caches_.emplace_back(cfg, make_policy<P>(po, l, m));
+    // A CPU engine: each row's pages in runs (dms/page_placement.hpp); the outputs do not depend
+    // on where the pages lie.
+    for (int l = 0; l < m.cfg.n_layers; ++l)
+      caches_.emplace_back(cfg, make_policy<P>(po, l, m), dms::page_placement::adjacent);
     // The decision channel is read (and zeroed) for a DMS policy, and always for a retrofitted
     // checkpoint, whose attention was trained without that channel.
     readout_ = P::uses_decision_logits || m.dms.present;
