@@ -10,10 +10,11 @@
 // previous one instead, so that a row is read in runs of many pages.
 //
 // The choice belongs to the host pool alone. It changes which page ids a row gets, never what a
-// row holds: attention, eviction and every counter are the same under both (tests/test_cache.cpp
-// checks it bit for bit). The batched decode step (dms/step/) and the device caches implement
-// `stack`, the order the batched step's prefix sum reproduces; an image of a cache of either
-// placement is a valid image for both, since it records the free pages, not how they are chosen.
+// row holds: attention, eviction and every counter are the same under both
+// (tests/test_page_placement.cpp checks it bit for bit). The batched decode step (dms/step/)
+// and the device caches implement `stack`, the order the batched step's prefix sum reproduces;
+// an image of a cache of either placement is a valid image for both, since it records the free
+// pages, not how they are chosen.
 
 #include <algorithm>
 #include <cstdint>
