@@ -18,6 +18,8 @@ median and the range:
   4. torch's unfused f32 prefill time / ours at 4K tokens (16K with --prefill-16k): rounds as in 2.
 
 --placement adjacent measures 1-3 on the adjacent/ rows: caches with dms::page_placement::adjacent.
+--placement both (target 1 only) interleaves the roofline and the dense decode over both
+placements in one process per shape: an A/B of the placements that sees the same minutes.
 
 Run it from the repository root after building the benchmark (cmake --preset release && cmake
 --build build/release --target dms_bench_cpu), with nothing else running:
@@ -54,8 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (targets 2, 3, 4)")
     p.add_argument("--min-time", type=float, default=0.2, help="--benchmark_min_time per repetition")
     p.add_argument("--prefill-16k", action="store_true", help="target 4 at 16K tokens too")
-    p.add_argument("--placement", default="stack", choices=["stack", "adjacent"],
-                   help="the caches' page placement for targets 1-3 (adjacent: the adjacent/ rows)")
+    p.add_argument("--placement", default="stack", choices=["stack", "adjacent", "both"],
+                   help="the caches' page placement for targets 1-3 (adjacent: the adjacent/ rows;"
+                        " both: target 1 only, the two interleaved)")
     p.add_argument("--out", default="cpu_targets.json")
     return p.parse_args()
 
@@ -118,24 +121,30 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 
 def target1(args, record: dict, table: list) -> None:
+    prefixes = ["", "adjacent/"] if args.placement == "both" else [prefix(args)]
     for kv in args.dtypes:
         for batch in args.batches:
             for ctx in args.contexts:
-                name = f"{prefix(args)}decode_fast/{kv}/dense/threads:2/batch:{batch}/context:{ctx}/"
-                rows = run_bench(args, f"^read_roofline/f32_sum/real_time/threads:2$|^{name}", True,
-                                 args.repetitions)
+                shape = f"decode_fast/{kv}/dense/threads:2/batch:{batch}/context:{ctx}/"
+                names = [pre + shape for pre in prefixes]
+                rows = run_bench(args, "^read_roofline/f32_sum/real_time/threads:2$|" +
+                                 "|".join(f"^{n}" for n in names), True, args.repetitions)
                 roof = [b["bytes_per_second"] for b in by_name(rows, "read_roofline/")]
-                dec = [b["bytes_per_second"] for b in by_name(rows, name)]
-                if not dec:  # skipped for memory (DMS_BENCH_MAX_KV_GB)
-                    continue
-                frac = statistics.median(dec) / statistics.median(roof)
-                record.setdefault("1", []).append(
-                    {"kv": kv, "batch": batch, "context": ctx, "decode_bytes_per_s": dec,
-                     "roofline_bytes_per_s": roof, "fraction_of_medians": frac})
-                table.append(f"| 1 | {kv} dense, batch {batch}, {ctx // 1024}K | "
-                             f"{statistics.median(dec) / 1e9:.1f} GB/s of "
-                             f"{statistics.median(roof) / 1e9:.1f} GB/s (medians of "
-                             f"{len(dec)} + {len(roof)}) | {frac:.2f} | >= 0.75 |")
+                for name in names:
+                    dec = [b["bytes_per_second"] for b in by_name(rows, name)]
+                    if not dec:  # skipped for memory (DMS_BENCH_MAX_KV_GB)
+                        continue
+                    frac = statistics.median(dec) / statistics.median(roof)
+                    placement = "adjacent" if name.startswith("adjacent/") else "stack"
+                    record.setdefault("1", []).append(
+                        {"kv": kv, "batch": batch, "context": ctx, "placement": placement,
+                         "decode_bytes_per_s": dec, "roofline_bytes_per_s": roof,
+                         "fraction_of_medians": frac})
+                    label = f", {placement}" if len(names) > 1 else ""
+                    table.append(f"| 1 | {kv} dense, batch {batch}, {ctx // 1024}K{label} | "
+                                 f"{statistics.median(dec) / 1e9:.1f} GB/s of "
+                                 f"{statistics.median(roof) / 1e9:.1f} GB/s (medians of "
+                                 f"{len(dec)} + {len(roof)}) | {frac:.2f} | >= 0.75 |")
 
 
 def target2(args, record: dict, table: list) -> None:
@@ -199,6 +208,8 @@ def main() -> int:
     args = parse_args()
     if not os.path.exists(args.bench):
         sys.exit(f"cpu_targets: {args.bench} not found; build it first (see --help)")
+    if args.placement == "both" and args.targets != [1]:
+        sys.exit("cpu_targets: --placement both measures target 1 only (add --targets 1)")
     record = {"args": vars(args)}
     print(f"page placement (targets 1-3): {args.placement}\n")
     print("| target | shape | measured | ratio: median (range) | goal |")
