@@ -69,6 +69,7 @@ DMS_CPU_INLINE void tile_values(const float* DMS_CPU_RESTRICT p, const float* DM
     for (int c0 = 0; c0 < dpad; c0 += cw) {
       float* o0 = o + std::size_t(r0) * dpad + c0;
       vf a[4], b[4];
+      DMS_CPU_UNROLL
       for (int rr = 0; rr < 4; ++rr) {
         const vf f = set1(corr[r0 + rr]);
         a[rr] = load(o0 + std::size_t(rr) * dpad) * f;
@@ -77,12 +78,14 @@ DMS_CPU_INLINE void tile_values(const float* DMS_CPU_RESTRICT p, const float* DM
       for (int j = 0; j < n; ++j) {
         const vf v0 = load(vb + std::size_t(j) * dpad + c0);
         const vf v1 = load(vb + std::size_t(j) * dpad + c0 + width);
+        DMS_CPU_UNROLL
         for (int rr = 0; rr < 4; ++rr) {
           const vf x = set1(p0[std::size_t(rr) * kb + j]);
           a[rr] = madd(x, v0, a[rr]);
           b[rr] = madd(x, v1, b[rr]);
         }
       }
+      DMS_CPU_UNROLL
       for (int rr = 0; rr < 4; ++rr) {
         store(o0 + std::size_t(rr) * dpad, a[rr]);
         store(o0 + std::size_t(rr) * dpad + width, b[rr]);

@@ -165,24 +165,36 @@ DMS_CPU_INLINE void transpose_sums(const vf* v, float* out) {
   store(out, __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
                  __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15));
 #elif DMS_CPU_W == 16
-  // Fold each vector to 8 lanes, then the 8-lane tree on both halves of the 16 vectors.
-  typedef float half_vf __attribute__((vector_size(32)));
-  half_vf h[16];
-  for (int i = 0; i < 16; ++i)
-    h[i] = __builtin_shufflevector(v[i], v[i], 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v[i], v[i], 8, 9, 10, 11, 12, 13, 14, 15);
-  const auto pair = [](half_vf a, half_vf b) {
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-  };
-  for (int k = 0; k < 2; ++k) {
-    const half_vf* x = h + 8 * k;
-    const half_vf lo = pair(pair(x[0], x[1]), pair(x[2], x[3]));
-    const half_vf hi = pair(pair(x[4], x[5]), pair(x[6], x[7]));
-    const half_vf r = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
-                      __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
-    std::memcpy(out + 8 * k, &r, sizeof r);
+  // A tree of two-source shuffles on whole vectors, each level halving their number (2 shuffles
+  // + 1 add per pair: 45 operations, against 74 when each vector is first folded to 8 lanes).
+  // The inputs go in bit-reversed order, so that the sums come out in natural order.
+  constexpr int rev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  vf l1[8], l2[4], l3[2];
+  DMS_CPU_UNROLL
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: 8 partial sums of one vector, 8-15: of the other
+    const vf a = v[rev[2 * i]], b = v[rev[2 * i + 1]];
+    l1[i] =
+        __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+        __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   }
+  DMS_CPU_UNROLL
+  for (int i = 0; i < 4; ++i) {  // 4 lanes per vector
+    const vf a = l1[2 * i], b = l1[2 * i + 1];
+    l2[i] =
+        __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+        __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  DMS_CPU_UNROLL
+  for (int i = 0; i < 2; ++i) {  // 2 lanes per vector
+    const vf a = l2[2 * i], b = l2[2 * i + 1];
+    l3[i] =
+        __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+        __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  store(out, __builtin_shufflevector(l3[0], l3[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12,
+                                     28, 14, 30) +
+                 __builtin_shufflevector(l3[0], l3[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27,
+                                         13, 29, 15, 31));
 #endif
 }
 

@@ -50,6 +50,18 @@
 #define DMS_CPU_RESTRICT
 #endif
 
+// Before a kernel's short loop of known trip count (over the heads of a tile, the chunks of a
+// compiled head_dim, the vectors of a block): unrolled completely, so that its arrays of vectors
+// live in registers. GCC does this by itself at -O3 but not at -O2, where the AVX-512 decode
+// kernel then ran 1.7-2x slower (docs/performance/cpu_fast_path_xeon.md); Clang reads the
+// same pragma. NVCC's front end rejects it (host code in a .cu file keeps the compiler's own
+// unrolling).
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define DMS_CPU_UNROLL _Pragma("GCC unroll 16")
+#else
+#define DMS_CPU_UNROLL
+#endif
+
 // The fragments warn about nothing in their own code, but keep GCC/Clang quiet about vector
 // extensions under -Wpedantic and about ABI notes of wide vectors passed between inlined helpers.
 #if defined(__GNUC__)
