@@ -44,6 +44,7 @@
 
 #include "cpu_roofline.hpp"
 #include "dms/dms.hpp"
+#include "hash_uniform.hpp"
 
 namespace dms_bench {
 double one_core_read_roofline = 0.0;  // set in main()
@@ -61,15 +62,7 @@ constexpr int page_size = 16;
 constexpr int dms_window = 512;  // Qwen3-8B-DMS-8x
 constexpr int keep_one_in = 8;   // DMS keeps 1 of every 8 tokens past the window; Quest reads 1/8
 
-// Uniform in [-1, 1) from a counter (splitmix64): fills a 16K-token cache quickly and identically
-// on every run.
-float hash_uniform(std::uint64_t i) {
-  i += 0x9E3779B97F4A7C15ull;
-  i = (i ^ (i >> 30)) * 0xBF58476D1CE4E5B9ull;
-  i = (i ^ (i >> 27)) * 0x94D049BB133111EBull;
-  i ^= i >> 31;
-  return float(i >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
+using dms_bench::hash_uniform;
 
 // The DMS logit carried by token t: it decides token t-1, which is kept (logit < 0) for one
 // token in every keep_one_in and evicted (logit > 0) otherwise.

@@ -64,6 +64,7 @@
 #include "cpu_roofline.hpp"
 #include "dms/cpu.hpp"
 #include "dms/dms.hpp"
+#include "hash_uniform.hpp"
 
 namespace {
 
@@ -74,13 +75,7 @@ constexpr int page_size = 16;
 constexpr int dms_window = 512;
 constexpr int token_pool = 509;  // distinct token vectors, cycled
 
-float hash_uniform(std::uint64_t i) {
-  i += 0x9E3779B97F4A7C15ull;
-  i = (i ^ (i >> 30)) * 0xBF58476D1CE4E5B9ull;
-  i = (i ^ (i >> 27)) * 0x94D049BB133111EBull;
-  i ^= i >> 31;
-  return float(i >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
+using dms_bench::hash_uniform;
 
 double max_kv_bytes() {
   const char* env = std::getenv("DMS_BENCH_MAX_KV_GB");

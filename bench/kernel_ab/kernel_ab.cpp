@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "../hash_uniform.hpp"
 #include "dms/cpu.hpp"
 #include "dms/dms.hpp"
 
@@ -39,13 +40,7 @@ DMS_CPU_DIAGNOSTICS_END
 
 namespace {
 
-float hash_uniform(std::uint64_t i) {
-  i += 0x9E3779B97F4A7C15ull;
-  i = (i ^ (i >> 30)) * 0xBF58476D1CE4E5B9ull;
-  i = (i ^ (i >> 27)) * 0x94D049BB133111EBull;
-  i ^= i >> 31;
-  return float(i >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
+using dms_bench::hash_uniform;
 
 template <class T>
 struct row_fixture {
