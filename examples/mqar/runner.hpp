@@ -7,7 +7,8 @@
 // true value is fed, so one wrong answer does not derail the next query). Attention runs over one
 // dms::paged_cache per layer under a policy chosen at run time.
 //
-// The heavy templates (7 policies x 3 storage types) are instantiated once, in runner.cpp.
+// The heavy templates (7 policies x 3 storage types) are instantiated once, one storage type
+// per file: runner_f32.cpp, runner_bf16.cpp, runner_f16.cpp (engine.hpp).
 
 #include <cmath>
 #include <cstdint>

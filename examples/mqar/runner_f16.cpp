@@ -1,0 +1,16 @@
+// SPDX-License-Identifier: Apache-2.0
+// The runner's engine for f16 K/V under every policy: one storage type per file, so that the
+// three instantiations compile in parallel (engine.hpp).
+
+#include "engine.hpp"
+
+namespace mqar::engine_detail {
+
+template run_result evaluate_for<dms::half>(const model_weights&, const eval_set&,
+                                            const policy_options&, const run_options&);
+template std::vector<float> sequence_logits_for<dms::half>(const model_weights&,
+                                                           const std::vector<int>&, int,
+                                                           const policy_options&,
+                                                           const run_options&);
+
+}  // namespace mqar::engine_detail
