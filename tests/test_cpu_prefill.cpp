@@ -163,6 +163,33 @@ void run_prefill_case(const prefill_case& c, const P& policy) {
   const double S = logit_bound(p, d, c.q_scale);
   const auto image = tw.ref.to_image();
 
+  // The chunks through the reference once: its outputs, and its cache after each chunk, which
+  // the fast path must match at every SIMD level and on every executor.
+  const auto chunk_inputs = [&](int begin) {
+    const int len = std::min(c.chunk, tokens - begin);
+    const auto part = [&](const std::vector<float>& x, std::size_t per) {
+      return std::span<const float>(x).subspan(std::size_t(begin) * per, std::size_t(len) * per);
+    };
+    return dms::reference::prefill_chunk_inputs{part(p.q, qrow), part(p.k, krow), part(p.v, krow),
+                                                part(p.logits, std::size_t(Hk)),
+                                                std::clamp(c.padding - begin, 0, len)};
+  };
+  const auto chunk_outputs = [&](std::vector<float>& out, std::vector<float>& lse, int begin) {
+    const int len = std::min(c.chunk, tokens - begin);
+    const auto part = [&](std::vector<float>& x, std::size_t per) {
+      return std::span<float>(x).subspan(std::size_t(begin) * per, std::size_t(len) * per);
+    };
+    return dms::reference::prefill_outputs{part(out, qrow), part(lse, std::size_t(H))};
+  };
+  std::vector<float> want(std::size_t(tokens) * qrow, -9.0f);
+  std::vector<float> want_lse(std::size_t(tokens) * H, -9.0f);
+  std::vector<dms::cache_image<T>> want_cache;
+  for (int begin = 0; begin < tokens; begin += c.chunk) {
+    dms::reference::prefill_chunk(tw.ref, seq, chunk_inputs(begin), total,
+                                  chunk_outputs(want, want_lse, begin));
+    want_cache.push_back(tw.ref.to_image());
+  }
+
   level_guard guard;
   for (const dms::cpu::simd_level level : dms::cpu::supported_simd_levels()) {
     INFO("level " << dms::cpu::simd_level_name(level));
@@ -170,29 +197,15 @@ void run_prefill_case(const prefill_case& c, const P& policy) {
     std::vector<float> first_out, first_lse, first_score;
     for (std::size_t e = 0; e < executors().size(); ++e) {
       INFO("executor " << e);
-      tw.ref.load_image(image);
       tw.fast.load_image(image);
-      std::vector<float> want(std::size_t(tokens) * qrow, -9.0f), got(want);
-      std::vector<float> want_lse(std::size_t(tokens) * H, -9.0f), got_lse(want_lse);
-      for (int begin = 0; begin < tokens; begin += c.chunk) {
+      std::vector<float> got(want.size(), -9.0f), got_lse(want_lse.size(), -9.0f);
+      for (int begin = 0, k = 0; begin < tokens; begin += c.chunk, ++k) {
         INFO("chunk at " << begin);
         const int len = std::min(c.chunk, tokens - begin);
-        const auto part = [&](const std::vector<float>& x, std::size_t per) {
-          return std::span<const float>(x).subspan(std::size_t(begin) * per,
-                                                   std::size_t(len) * per);
-        };
-        const auto outp = [&](std::vector<float>& x, std::size_t per) {
-          return std::span<float>(x).subspan(std::size_t(begin) * per, std::size_t(len) * per);
-        };
-        const dms::reference::prefill_chunk_inputs in{
-            part(p.q, qrow), part(p.k, krow), part(p.v, krow), part(p.logits, std::size_t(Hk)),
-            std::clamp(c.padding - begin, 0, len)};
-        dms::reference::prefill_chunk(tw.ref, seq, in, total,
-                                      {outp(want, qrow), outp(want_lse, std::size_t(H))});
-        dms::cpu::prefill_chunk(tw.fast, seq, in, total,
-                                {outp(got, qrow), outp(got_lse, std::size_t(H))},
-                                dms::cpu::end_of_prompt::finish, *executors()[e]);
-        require_same_cache(tw.fast.to_image(), tw.ref.to_image(),
+        dms::cpu::prefill_chunk(tw.fast, seq, chunk_inputs(begin), total,
+                                chunk_outputs(got, got_lse, begin), dms::cpu::end_of_prompt::finish,
+                                *executors()[e]);
+        require_same_cache(tw.fast.to_image(), want_cache[std::size_t(k)],
                            kTol * S * c.group * (1 + begin + len + c.before));
       }
       for (std::size_t i = 0; i < want.size(); ++i)
