@@ -351,42 +351,38 @@ std::vector<float> sequence_logits_as(const model_weights& m, const std::vector<
   return logits;
 }
 
-/// evaluate() for K/V stored as S, every policy (defined in runner_<S>.cpp).
+/// The runner's two entry points for K/V stored as S, under every policy. Each storage type is
+/// instantiated once, in its own file (runner_f32.cpp, runner_bf16.cpp, runner_f16.cpp); the
+/// members are defined outside the class, so they are not inline and the `extern template`
+/// below keeps every other file from instantiating them.
 template <dms::storage_type S>
-run_result evaluate_for(const model_weights& m, const eval_set& e, const policy_options& p,
-                        const run_options& o) {
+struct storage_runner {
+  static run_result evaluate(const model_weights& m, const eval_set& e, const policy_options& p,
+                             const run_options& o);
+  static std::vector<float> sequence_logits(const model_weights& m, const std::vector<int>& tokens,
+                                            int prompt_length, const policy_options& p,
+                                            const run_options& o);
+};
+
+template <dms::storage_type S>
+run_result storage_runner<S>::evaluate(const model_weights& m, const eval_set& e,
+                                       const policy_options& p, const run_options& o) {
   return with_policy_type(
       p.kind, [&](auto pt) { return evaluate_as<S, typename decltype(pt)::type>(m, e, p, o); });
 }
 
-/// sequence_logits() for K/V stored as S, every policy (defined in runner_<S>.cpp).
 template <dms::storage_type S>
-std::vector<float> sequence_logits_for(const model_weights& m, const std::vector<int>& tokens,
-                                       int prompt_length, const policy_options& p,
-                                       const run_options& o) {
+std::vector<float> storage_runner<S>::sequence_logits(const model_weights& m,
+                                                      const std::vector<int>& tokens,
+                                                      int prompt_length, const policy_options& p,
+                                                      const run_options& o) {
   return with_policy_type(p.kind, [&](auto pt) {
     return sequence_logits_as<S, typename decltype(pt)::type>(m, tokens, prompt_length, p, o);
   });
 }
 
-// Instantiated once each, by runner_f32.cpp, runner_bf16.cpp and runner_f16.cpp.
-extern template run_result evaluate_for<float>(const model_weights&, const eval_set&,
-                                               const policy_options&, const run_options&);
-extern template std::vector<float> sequence_logits_for<float>(const model_weights&,
-                                                              const std::vector<int>&, int,
-                                                              const policy_options&,
-                                                              const run_options&);
-extern template run_result evaluate_for<dms::bfloat16>(const model_weights&, const eval_set&,
-                                                       const policy_options&, const run_options&);
-extern template std::vector<float> sequence_logits_for<dms::bfloat16>(const model_weights&,
-                                                                      const std::vector<int>&, int,
-                                                                      const policy_options&,
-                                                                      const run_options&);
-extern template run_result evaluate_for<dms::half>(const model_weights&, const eval_set&,
-                                                   const policy_options&, const run_options&);
-extern template std::vector<float> sequence_logits_for<dms::half>(const model_weights&,
-                                                                  const std::vector<int>&, int,
-                                                                  const policy_options&,
-                                                                  const run_options&);
+extern template struct storage_runner<float>;
+extern template struct storage_runner<dms::bfloat16>;
+extern template struct storage_runner<dms::half>;
 
 }  // namespace mqar::engine_detail

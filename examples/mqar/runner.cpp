@@ -75,7 +75,7 @@ decltype(auto) with_storage_type(kv_storage s, F&& f) {
 run_result evaluate(const model_weights& m, const eval_set& e, const policy_options& p,
                     const run_options& o) {
   return with_storage_type(o.storage, [&](auto st) {
-    return engine_detail::evaluate_for<typename decltype(st)::type>(m, e, p, o);
+    return engine_detail::storage_runner<typename decltype(st)::type>::evaluate(m, e, p, o);
   });
 }
 
@@ -84,8 +84,8 @@ std::vector<float> sequence_logits(const model_weights& m, const std::vector<int
                                    const run_options& o) {
   dms::detail::check_range("prompt_length", prompt_length, 1, int(tokens.size()));
   return with_storage_type(o.storage, [&](auto st) {
-    return engine_detail::sequence_logits_for<typename decltype(st)::type>(m, tokens, prompt_length,
-                                                                           p, o);
+    return engine_detail::storage_runner<typename decltype(st)::type>::sequence_logits(
+        m, tokens, prompt_length, p, o);
   });
 }
 

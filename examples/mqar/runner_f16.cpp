@@ -4,13 +4,4 @@
 
 #include "engine.hpp"
 
-namespace mqar::engine_detail {
-
-template run_result evaluate_for<dms::half>(const model_weights&, const eval_set&,
-                                            const policy_options&, const run_options&);
-template std::vector<float> sequence_logits_for<dms::half>(const model_weights&,
-                                                           const std::vector<int>&, int,
-                                                           const policy_options&,
-                                                           const run_options&);
-
-}  // namespace mqar::engine_detail
+template struct mqar::engine_detail::storage_runner<dms::half>;
