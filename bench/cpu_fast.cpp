@@ -30,8 +30,9 @@
 //       decode_fast/<kv>/dense and paged_read at page sizes P = 16, 64, 256 (batch 1 and 4):
 //       what the granularity of the layout costs the kernel and the plain read.
 //   adjacent/decode_fast/<kv>/{dense,dms8x}/..., adjacent/paged_read/<kv>/...
-//       The same at two threads over a cache with dms::page_placement::adjacent (each row's pages
-//       in runs rather than interleaved with the other rows'), batch 1/4/16, context 4K/16K/64K.
+//       The same over a cache with dms::page_placement::adjacent (each row's pages in runs
+//       rather than interleaved with the other rows'): two threads at batch 1/4/16, and one
+//       thread at batch 1 (as decode_fast's dense rows), context 4K/16K/64K.
 //   in_cache/decode_fast/<kv>/dense/threads:N/batch:1/context:C
 //       The dense decode (adjacent pages) at C = 512 and 1024, whose K/V (2-8 MB) stay in the
 //       L2 or L3 between steps: the rate the kernel's arithmetic allows, the ceiling for the
@@ -346,12 +347,13 @@ void register_page_size(const std::string& kv) {
       read.c_str(), [kv](benchmark::State& s) { bm_paged_read<T>(s, kv, int(s.range(3))); }));
 }
 
-/// adjacent/{decode_fast/<kv>/{dense,dms8x},paged_read/<kv>}/threads:2/batch:B/context:C: the
+/// adjacent/{decode_fast/<kv>/{dense,dms8x},paged_read/<kv>}/threads:N/batch:B/context:C: the
 /// same benchmarks over a cache with page_placement::adjacent, where each row's pages form runs.
 template <class T>
 void register_adjacent(const std::string& kv) {
   const auto shapes = [](benchmark::internal::Benchmark* b) {
     b->ArgNames({"threads", "batch", "context"})
+        ->ArgsProduct({{1}, {1}, {4096, 16384, 65536}})
         ->ArgsProduct({{2}, {1, 4, 16}, {4096, 16384, 65536}})
         ->UseRealTime()
         ->Unit(benchmark::kMicrosecond);
