@@ -53,6 +53,13 @@ namespace {
 
 using dms_bench::hash_uniform;
 
+#if DMS_CPU_HAS_X86_TARGETS
+/// The level the rows run: AVX-512 where the CPU has it, else AVX2.
+bool runs_avx512() {
+  return dms::cpu::simd_level_supported(dms::cpu::simd_level::avx512);
+}
+#endif
+
 /// `rows` rows (KV heads of one sequence) of context / rows tokens each, appended token by
 /// token. One row gets adjacent pages (one run); several get the default stack placement, so
 /// their pages interleave page by page, as in the decode_fast caches of bench/cpu_fast.cpp.
@@ -106,7 +113,7 @@ void bm_kernel(benchmark::State& state) {
     state.SkipWithError("needs AVX2");
     return;
   }
-  const bool avx512 = dms::cpu::simd_level_supported(dms::cpu::simd_level::avx512);
+  const bool avx512 = runs_avx512();
   const int group = int(state.range(0)), head_dim = int(state.range(1));
   const int context = int(state.range(2)), rows = int(state.range(3));
   row_fixture<T> fx(group, head_dim, context, rows);
@@ -152,8 +159,7 @@ void bm_kernel(benchmark::State& state) {
 template <class T, bool Variant>
 void add(const std::string& kv) {
 #if DMS_CPU_HAS_X86_TARGETS
-  const char* level =
-      dms::cpu::simd_level_supported(dms::cpu::simd_level::avx512) ? "avx512/" : "avx2/";
+  const char* level = runs_avx512() ? "avx512/" : "avx2/";
 #else
   const char* level = "";
 #endif
