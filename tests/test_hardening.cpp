@@ -399,6 +399,7 @@ struct throw_after_evicting : dms::policy<throw_after_evicting> {
     int evictions = 0;
   };
   bool armed = false;
+  bool only_state = false;  // change nothing but row 1's state through its handle, then throw
   const char* name() const { return "throws in after_attention"; }
   void init_row(row_state&) const {}
   template <class Row>
@@ -408,6 +409,10 @@ struct throw_after_evicting : dms::policy<throw_after_evicting> {
   template <class Seq>
   void after_attention(Seq& seq) const {
     if (!armed) return;
+    if (only_state) {  // the handle must journal the row itself: no eviction did it first
+      ++seq.row(1).state().evictions;
+      throw std::runtime_error("user hook failed after_attention");
+    }
     auto& row = seq.row(0);  // row 0 evicts its first two live slots, then row 1 fails
     int done = 0;
     for (int s = 0; s < row.length() && done < 2; ++s)
@@ -477,6 +482,16 @@ TEST_CASE("hardening #11: a throwing user hook leaves the cache as it was", "[ha
         cache, [&] { cache.finish_step(s); }, Contains("user hook failed after_attention"));
     REQUIRE(state_counts(cache) == states);
     REQUIRE(cache.row_live(0) == 10);
+  }
+  SECTION("after_attention throws after changing only a row's state") {
+    dms::paged_cache<float, throw_after_evicting> cache(small_config());
+    const int s = cache.add_sequence();
+    for (int t = 0; t < 10; ++t) decode_token(cache, s, float(t));
+    cache.policy().armed = cache.policy().only_state = true;
+    const auto states = state_counts(cache);
+    require_rejected<std::runtime_error>(
+        cache, [&] { cache.finish_step(s); }, Contains("user hook failed after_attention"));
+    REQUIRE(state_counts(cache) == states);
   }
   SECTION("compress_prompt throws after evicting and compacting row 1") {
     dms::paged_cache<float, throw_after_evicting> cache(small_config());
