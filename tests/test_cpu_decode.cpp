@@ -360,3 +360,79 @@ TEST_CASE("cpu decode == reference: random shapes", "[cpu][decode]") {
     run(c);
   }
 }
+
+namespace {
+
+// The jobs dms::cpu plans for one decode step over `seqs` of `cache` (as decode.hpp builds its
+// rows and items): each job as its items' (row, chunk) pairs.
+template <class Cache>
+std::vector<std::vector<std::pair<int, int>>> planned_jobs(const Cache& cache,
+                                                           const std::vector<int>& seqs) {
+  namespace cd = dms::cpu::detail;
+  const auto view = cache.view();
+  const int ps = cache.config().page_size, chunk_pages = cd::decode_chunk_pages(ps);
+  cd::decode_workspace ws;
+  int items = 0;
+  for (const int s : seqs)
+    for (int h = 0; h < cache.config().num_kv_heads; ++h) {
+      cd::decode_row rp;
+      rp.row = cache.row_index(s, h);
+      rp.length = cache.row_length(rp.row);
+      rp.num_pages = (rp.length + ps - 1) / ps;
+      rp.first_item = items;
+      rp.num_items = (rp.num_pages + chunk_pages - 1) / chunk_pages;
+      items += rp.num_items;
+      ws.rows.push_back(rp);
+    }
+  cd::plan_decode_jobs(ws, view, chunk_pages, false);
+  std::vector<std::vector<std::pair<int, int>>> jobs;
+  for (std::size_t j = 0; j + 1 < ws.job_first.size(); ++j) {
+    jobs.emplace_back();
+    for (int i = ws.job_first[j]; i < ws.job_first[j + 1]; ++i) {
+      const int item = ws.job_items[std::size_t(i)];
+      for (const auto& rp : ws.rows)
+        if (item >= rp.first_item && item < rp.first_item + rp.num_items)
+          jobs.back().push_back({rp.row, item - rp.first_item});
+    }
+  }
+  return jobs;
+}
+
+}  // namespace
+
+TEST_CASE("cpu decode plan: rows whose pages interleave in the pool run as one job",
+          "[cpu][decode]") {
+  dms::cache_config cfg;
+  cfg.num_kv_heads = 8;
+  cfg.group_size = 1;
+  cfg.head_dim = 8;
+  cfg.page_size = 16;
+  cfg.max_sequences = 2;
+  cfg.max_pages = 2 * 8 * 40;
+  const int tokens = dms::cpu::detail::decode_chunk_slots + 40;  // two chunks per row
+  const std::vector<float> kv(std::size_t(cfg.num_kv_heads) * cfg.head_dim, 0.5f);
+  for (const auto placement : {dms::page_placement::stack, dms::page_placement::adjacent}) {
+    dms::paged_cache<dms::bfloat16> cache(cfg, {}, placement);
+    const int a = cache.add_sequence(), b = cache.add_sequence();
+    for (int t = 0; t < tokens; ++t) {
+      cache.append(a, kv, kv);
+      cache.append(b, kv, kv);
+    }
+    const auto jobs = planned_jobs(cache, {a, b});
+    INFO(dms::page_placement_name(placement));
+    std::size_t items = 0;
+    for (const auto& job : jobs) items += job.size();
+    REQUIRE(items == 2u * 16u);  // every item once
+    if (placement == dms::page_placement::stack) {
+      // The 16 rows took their pages in turn: chunk c of rows 0-7, then of rows 8-15 (a job
+      // holds at most decode_max_lockstep items), for c = 0, 1.
+      REQUIRE(dms::cpu::detail::decode_max_lockstep == 8);
+      REQUIRE(jobs.size() == 4u);
+      for (std::size_t j = 0; j < jobs.size(); ++j)
+        for (std::size_t i = 0; i < jobs[j].size(); ++i)
+          REQUIRE(jobs[j][i] == std::pair<int, int>(int(j % 2 * 8 + i), int(j / 2)));
+    } else {
+      REQUIRE(jobs.size() == 32u);  // each row's pages form runs of their own: no job to share
+    }
+  }
+}

@@ -10,7 +10,7 @@
 
 #if DMS_CPU_HAS_X86_TARGETS
 template void dms::cpu::simd::avx2::decode_walk<float, 0>(
-    const dms::cpu::detail::decode_chunk_args<float>&) noexcept;
+    const dms::cpu::detail::decode_chunk_args<float>*, int) noexcept;
 template void dms::cpu::simd::avx2::decode_walk<dms::bfloat16, 0>(
-    const dms::cpu::detail::decode_chunk_args<dms::bfloat16>&) noexcept;
+    const dms::cpu::detail::decode_chunk_args<dms::bfloat16>*, int) noexcept;
 #endif

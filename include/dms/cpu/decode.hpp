@@ -181,14 +181,13 @@ void decode_batch(paged_cache<T, P>& cache, std::span<const int> seqs, std::span
   const decode_outputs outputs{out.data(), lse.empty() ? nullptr : lse.data(), probs, stride,
                                view.score};
 
-  auto run = [&](std::size_t item) {
-    const int r = ws.item_row[item];
+  const auto item_args = [&](int item) {
+    const int r = ws.item_row[std::size_t(item)];
     const decode_row& rp = ws.rows[std::size_t(r)];
-    const int c = int(item) - rp.first_item;
-    const int first = c * chunk_pages;
+    const int first = (item - rp.first_item) * chunk_pages;
     const int n = std::min(chunk_pages, rp.num_pages - first);
-    float* part = ws.partial.data() + item * item_floats;
-    const decode_chunk_args<T> args{
+    float* part = ws.partial.data() + std::size_t(item) * item_floats;
+    return decode_chunk_args<T>{
         cview,
         rp.row,
         rp.length,
@@ -201,15 +200,24 @@ void decode_batch(paged_cache<T, P>& cache, std::span<const int> seqs, std::span
         part,
         part + std::size_t(G) * dpad,
         part + std::size_t(G) * dpad + G,
-        keep_logits ? ws.logits.data() + item * G * cap : nullptr,
-        keep_logits ? ws.slots.data() + item * cap : nullptr,
+        keep_logits ? ws.logits.data() + std::size_t(item) * G * cap : nullptr,
+        keep_logits ? ws.slots.data() + std::size_t(item) * cap : nullptr,
         cap,
         ws.counts.data() + item};
-    kernels.chunk(args);
-    if (ws.remaining[std::size_t(r)].fetch_sub(1, std::memory_order_acq_rel) == 1)
-      merge_decode_row(ws, rp, kernels, cview, G, dpad, cap, outputs);
   };
-  exec.parallel_for(std::size_t(items), task_ref(run));
+  plan_decode_jobs(ws, cview, chunk_pages, P::selects_pages);
+  auto run = [&](std::size_t job) {
+    const int begin = ws.job_first[job], end = ws.job_first[job + 1];
+    decode_chunk_args<T> args[decode_max_lockstep]{};
+    for (int i = begin; i < end; ++i) args[i - begin] = item_args(ws.job_items[std::size_t(i)]);
+    kernels.chunks(args, end - begin);
+    for (int i = begin; i < end; ++i) {
+      const int r = ws.item_row[std::size_t(ws.job_items[std::size_t(i)])];
+      if (ws.remaining[std::size_t(r)].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        merge_decode_row(ws, ws.rows[std::size_t(r)], kernels, cview, G, dpad, cap, outputs);
+    }
+  };
+  exec.parallel_for(ws.job_first.size() - 1, task_ref(run));
   for (const decode_row& rp : ws.rows)  // rows with nothing to read have no item to merge them
     if (rp.num_items == 0) merge_decode_row(ws, rp, kernels, cview, G, dpad, cap, outputs);
 

@@ -2,7 +2,8 @@
 #pragma once
 
 // The decode kernel of the CPU fast path, for one work item of the split-K plan: the G query
-// heads of one row's group attend to a run of that row's pages, in one pass over their K/V.
+// heads of one row's group attend to a run of that row's pages, in one pass over their K/V. One
+// call may walk several items block by block in turn (decode_chunks; see decode_plan.hpp).
 //
 // Per block of up to 16 live keys (holes skipped; bf16/fp16 widened in registers, never copied):
 //   QK  s[g][j] = q_g . k_j           two keys at a time; one load of a key feeds every head of
@@ -40,6 +41,11 @@
 
 DMS_NAMESPACE_BEGIN
 namespace cpu::detail {
+
+/// Work items one call of the kernel may walk in turn (decode_chunks; the plan groups rows whose
+/// pages interleave in the pool). 8 is the KV heads of a sequence in common models: at bf16, 16
+/// slots and head_dim 128, one 32 KiB run of K and one of V per page step.
+inline constexpr int decode_max_lockstep = 8;
 
 /// Everything one work item reads and writes. Plain pointers into the plan's workspace.
 template <class T>
@@ -107,7 +113,9 @@ namespace cpu::detail {
 /// The kernels of one level for storage type T.
 template <class T>
 struct decode_kernels {
-  void (*chunk)(const decode_chunk_args<T>&) noexcept;
+  /// n in [1, decode_max_lockstep] work items, block by block in turn; each item's result is
+  /// the same as when it is walked alone.
+  void (*chunks)(const decode_chunk_args<T>*, int) noexcept;
   void (*group_probability)(const float*, int, int, int, const float*, float*) noexcept;
   void (*head_probability)(const float*, int, float, float*) noexcept;
   int width;
@@ -120,19 +128,19 @@ decode_kernels<T> decode_kernels_for(simd_level level) {
   switch (level) {
 #if DMS_CPU_HAS_X86_TARGETS
     case simd_level::avx512:
-      return {&simd::avx512::decode_chunk<T>, &simd::avx512::group_probability,
+      return {&simd::avx512::decode_chunks<T>, &simd::avx512::group_probability,
               &simd::avx512::head_probability, simd::avx512::width, &simd::avx512::pair_lane<T>};
     case simd_level::avx2:
-      return {&simd::avx2::decode_chunk<T>, &simd::avx2::group_probability,
+      return {&simd::avx2::decode_chunks<T>, &simd::avx2::group_probability,
               &simd::avx2::head_probability, simd::avx2::width, &simd::avx2::pair_lane<T>};
 #endif
 #if DMS_CPU_HAS_VECTOR_EXTENSIONS
     case simd_level::vec128:
-      return {&simd::vec128::decode_chunk<T>, &simd::vec128::group_probability,
+      return {&simd::vec128::decode_chunks<T>, &simd::vec128::group_probability,
               &simd::vec128::head_probability, simd::vec128::width, &simd::vec128::pair_lane<T>};
 #endif
     default:
-      return {&simd::scalar::decode_chunk<T>, &simd::scalar::group_probability,
+      return {&simd::scalar::decode_chunks<T>, &simd::scalar::group_probability,
               &simd::scalar::head_probability, simd::scalar::width, &simd::scalar::pair_lane<T>};
   }
 }

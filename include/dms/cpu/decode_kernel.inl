@@ -285,28 +285,36 @@ DMS_CPU_INLINE void decode_block(const ::dms::cpu::detail::decode_chunk_args<T>&
   }
 }
 
-/// One work item: the pages [first, first + num_pages) of a row's read list, block by block.
-/// The walk gathers each block's live slots one block ahead of the arithmetic, so that the
+/// The walk of one work item: the pages [first, first + num_pages) of a row's read list, block
+/// by block. It gathers each block's live slots one block ahead of the arithmetic, so that the
 /// block being computed prefetches the next one. D: as in decode_block_tile.
 template <class T, int D>
-void decode_walk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
-  constexpr int nblk = decode_block_keys;
-  const auto& vw = a.view;
-  const int ps = vw.page_size, d = D > 0 ? D : vw.head_dim;
-  for (int g = 0; g < a.group; ++g) {
-    a.m[g] = -std::numeric_limits<float>::infinity();
-    a.l[g] = 0.0f;
-  }
-  std::fill(a.acc, a.acc + std::size_t(a.group) * a.dpad, 0.0f);
+struct decode_walker {
+  const ::dms::cpu::detail::decode_chunk_args<T>* a = nullptr;
+  int wi = 0, ws = 0;  // the position: wi indexes the item's pages, ws is the slot in that page
+  int cur = 0, done = 0;
+  decode_block_slots<T> blocks[2];
 
-  // The walk's position: wi indexes the item's pages, ws is the slot within that page.
-  int wi = 0, ws = 0;
-  const auto gather = [&](decode_block_slots<T>& b) {
+  void start(const ::dms::cpu::detail::decode_chunk_args<T>& item) {
+    a = &item;
+    for (int g = 0; g < item.group; ++g) {
+      item.m[g] = -std::numeric_limits<float>::infinity();
+      item.l[g] = 0.0f;
+    }
+    std::fill(item.acc, item.acc + std::size_t(item.group) * item.dpad, 0.0f);
+    gather(blocks[cur]);
+  }
+  [[nodiscard]] bool active() const { return blocks[cur].count > 0; }
+
+  void gather(decode_block_slots<T>& b) {
+    constexpr int nblk = decode_block_keys;
+    const auto& vw = a->view;
+    const int ps = vw.page_size, d = D > 0 ? D : vw.head_dim;
     b.count = 0;
-    for (; wi < a.num_pages; ++wi, ws = 0) {
-      const int lp = a.pages ? a.pages[wi] : a.first_page + wi;
-      const std::int64_t base = std::int64_t(vw.page(a.row, lp)) * ps;
-      const int count = std::min(ps, a.length - lp * ps);
+    for (; wi < a->num_pages; ++wi, ws = 0) {
+      const int lp = a->pages ? a->pages[wi] : a->first_page + wi;
+      const std::int64_t base = std::int64_t(vw.page(a->row, lp)) * ps;
+      const int count = std::min(ps, a->length - lp * ps);
       const std::int32_t* pos = vw.position + base;
       for (; ws < count; ++ws) {
         if (pos[ws] < 0) continue;  // a hole
@@ -319,40 +327,65 @@ void decode_walk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
     }
     std::fill(b.k + b.count, b.k + nblk, nullptr);
     std::fill(b.v + b.count, b.v + nblk, nullptr);
-  };
+  }
 
-  decode_block_slots<T> blocks[2];
-  int cur = 0, done = 0;
-  gather(blocks[cur]);
-  while (blocks[cur].count > 0) {
+  /// Computes the current block (an active walker's) and gathers the one after the next.
+  void step() {
     const decode_block_slots<T>& b = blocks[cur];
     decode_block_slots<T>& next = blocks[cur ^ 1];
     gather(next);
-    if (a.slots) std::copy(b.slot, b.slot + b.count, a.slots + done);
-    decode_block<T, D>(a, b, next.count > 0 ? &next : nullptr, done);
+    if (a->slots) std::copy(b.slot, b.slot + b.count, a->slots + done);
+    decode_block<T, D>(*a, b, next.count > 0 ? &next : nullptr, done);
     done += b.count;
     cur ^= 1;
   }
-  *a.count = done;
+  void finish() const { *a->count = done; }
+};
+
+/// n (<= decode_max_lockstep) work items, block by block in turn: a block of the first, one of
+/// the second, ..., then the first's next block. Items of rows whose pages lie next to each
+/// other in the pool (rows that grew in the same steps under page_placement::stack) then read
+/// it in one run instead of a stream per row that restarts every page. Each item's blocks are
+/// computed exactly as when it runs alone, in the same order, so its result is bit for bit the
+/// same; only the order in which memory is read changes.
+template <class T, int D>
+void decode_walk(const ::dms::cpu::detail::decode_chunk_args<T>* items, int n) noexcept {
+  decode_walker<T, D> w[::dms::cpu::detail::decode_max_lockstep];
+  for (int i = 0; i < n; ++i) w[i].start(items[i]);
+  for (bool any = true; any;) {
+    any = false;
+    for (int i = 0; i < n; ++i)
+      if (w[i].active()) {
+        w[i].step();
+        any = true;
+      }
+  }
+  for (int i = 0; i < n; ++i) w[i].finish();
 }
 
-/// One work item. The common head dims get a walk compiled for them: with the chunk loops'
-/// trip counts known, the compiler unrolls them and keeps the accumulators in registers: on
-/// Zen 5 with K/V in L3, 30% less time per key than the walk for any head_dim with AVX-512, 0-10%
-/// with AVX2 (docs/performance/cpu_fast_path.md).
+/// n (in [1, decode_max_lockstep]) work items, in turn (decode_walk). The common head dims get a
+/// walk compiled for them: with the chunk loops' trip counts known, the compiler unrolls them
+/// and keeps the accumulators in registers: on Zen 5 with K/V in L3, 30% less time per key than
+/// the walk for any head_dim with AVX-512, 0-10% with AVX2 (docs/performance/cpu_fast_path.md).
 template <class T>
-void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
-  switch (a.view.head_dim) {
+void decode_chunks(const ::dms::cpu::detail::decode_chunk_args<T>* items, int n) noexcept {
+  switch (items[0].view.head_dim) {
     case 64:
-      decode_walk<T, 64>(a);
+      decode_walk<T, 64>(items, n);
       break;
     case 128:
-      decode_walk<T, 128>(a);
+      decode_walk<T, 128>(items, n);
       break;
     default:
-      decode_walk<T, 0>(a);
+      decode_walk<T, 0>(items, n);
       break;
   }
+}
+
+/// One work item.
+template <class T>
+void decode_chunk(const ::dms::cpu::detail::decode_chunk_args<T>& a) noexcept {
+  decode_chunks<T>(&a, 1);
 }
 
 /// out[j] = sum_g exp(logits[g][j] - lse[g]) for j < n: a key's probability summed over the

@@ -5,7 +5,9 @@
 //
 // Every row (sequence, KV head) of the batch reads a list of pages: all of them, or Quest's
 // selection. The list is cut into chunks of decode_chunk_pages() pages, one work item each; the
-// items of every row of the batch form one parallel job. An item leaves (m, l, acc) per head;
+// items of every row of the batch form one parallel loop over jobs, a job being one item or the
+// same chunk of up to decode_max_lockstep rows whose pages interleave (plan_decode_jobs), walked
+// in turn so that they read the pool in runs. An item leaves (m, l, acc) per head;
 // the last item of a row to finish merges the row's items in chunk order:
 //   M = max_c m_c,  L = sum_c l_c e^(m_c - M),  out = sum_c acc_c e^(m_c - M) / L,  lse = M + ln L
 // and folds the row's probabilities into its scores (TOVA, H2O) or into extras.probs. The chunk
@@ -55,15 +57,17 @@ struct decode_row {
 /// Per-call scratch, reused across calls on the same thread (it only grows).
 struct decode_workspace {
   std::vector<decode_row> rows;
-  std::vector<int> item_row;                      // [items] index into rows
-  std::vector<std::int32_t> pages;                // Quest's selections, concatenated
-  std::vector<std::vector<int>> selections;       // [rows] select_pages output
-  std::vector<float> q;                           // [rows][G][dpad] scaled, in chunk layout
-  std::vector<float> partial;                     // [items][G][dpad + 2]: acc, m, l
-  std::vector<int> counts;                        // [items] keys read
-  std::vector<float> logits;                      // [items][G][cap] when scores or probs are needed
-  std::vector<std::int32_t> slots;                // [items][cap]
-  std::vector<int> lanes;                         // [head_dim] channel -> index in chunk layout
+  std::vector<int> item_row;                 // [items] index into rows
+  std::vector<int> job_items;                // items, grouped into jobs (plan_decode_jobs)
+  std::vector<int> job_first;                // [jobs + 1] job j: job_items[first[j], first[j+1])
+  std::vector<std::int32_t> pages;           // Quest's selections, concatenated
+  std::vector<std::vector<int>> selections;  // [rows] select_pages output
+  std::vector<float> q;                      // [rows][G][dpad] scaled, in chunk layout
+  std::vector<float> partial;                // [items][G][dpad + 2]: acc, m, l
+  std::vector<int> counts;                   // [items] keys read
+  std::vector<float> logits;                 // [items][G][cap] when scores or probs are needed
+  std::vector<std::int32_t> slots;           // [items][cap]
+  std::vector<int> lanes;                    // [head_dim] channel -> index in chunk layout
   std::unique_ptr<std::atomic<int>[]> remaining;  // [rows] items not finished yet
   std::size_t remaining_size = 0;
 };
@@ -71,6 +75,41 @@ struct decode_workspace {
 inline decode_workspace& thread_decode_workspace() {
   thread_local decode_workspace ws;
   return ws;
+}
+
+/// Groups the plan's items into jobs, the items one call of the kernel walks in turn
+/// (decode_chunks). Chunk c of consecutive rows goes into one job, up to decode_max_lockstep
+/// of them, while each row's chunk starts on the pool page right after the previous row's: rows
+/// that grew in the same steps under page_placement::stack, whose pages interleave. Such a job
+/// reads the pool in runs of pages instead of one stream per row that restarts at every page
+/// (4 KiB of bf16 K at 16 slots and head_dim 128). Other items (page_placement::adjacent, rows
+/// that grew apart, most of Quest's selections) are a job each. Results do not depend on the
+/// grouping: a job computes each of its items exactly as alone.
+template <class T>
+void plan_decode_jobs(decode_workspace& ws, const cache_view<const T>& view, int chunk_pages,
+                      bool selected) {
+  ws.job_items.clear();
+  ws.job_first.clear();
+  int max_items = 0;
+  for (const decode_row& rp : ws.rows) max_items = std::max(max_items, rp.num_items);
+  for (int c = 0; c < max_items; ++c) {
+    std::int64_t prev = -2;  // the first pool page of the previous row's chunk c (-2: none)
+    for (const decode_row& rp : ws.rows) {
+      if (c >= rp.num_items) {
+        prev = -2;
+        continue;
+      }
+      const std::size_t at = std::size_t(c) * std::size_t(chunk_pages);
+      const int lp = selected ? ws.pages[rp.pages_at + at] : int(at);
+      const std::int64_t page = view.page(rp.row, lp);
+      const bool joins =
+          page == prev + 1 && int(ws.job_items.size()) - ws.job_first.back() < decode_max_lockstep;
+      if (!joins) ws.job_first.push_back(int(ws.job_items.size()));
+      ws.job_items.push_back(rp.first_item + c);
+      prev = page;
+    }
+  }
+  ws.job_first.push_back(int(ws.job_items.size()));
 }
 
 /// What the merge of a row writes.
