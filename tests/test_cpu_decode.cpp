@@ -367,7 +367,8 @@ namespace {
 // rows and items): each job as its items' (row, chunk) pairs.
 template <class Cache>
 std::vector<std::vector<std::pair<int, int>>> planned_jobs(const Cache& cache,
-                                                           const std::vector<int>& seqs) {
+                                                           const std::vector<int>& seqs,
+                                                           int max_per_job) {
   namespace cd = dms::cpu::detail;
   const auto view = cache.view();
   const int ps = cache.config().page_size, chunk_pages = cd::decode_chunk_pages(ps);
@@ -384,7 +385,7 @@ std::vector<std::vector<std::pair<int, int>>> planned_jobs(const Cache& cache,
       items += rp.num_items;
       ws.rows.push_back(rp);
     }
-  cd::plan_decode_jobs(ws, view, chunk_pages, false);
+  cd::plan_decode_jobs(ws, view, chunk_pages, false, max_per_job);
   std::vector<std::vector<std::pair<int, int>>> jobs;
   for (std::size_t j = 0; j + 1 < ws.job_first.size(); ++j) {
     jobs.emplace_back();
@@ -418,7 +419,7 @@ TEST_CASE("cpu decode plan: rows whose pages interleave in the pool run as one j
       cache.append(a, kv, kv);
       cache.append(b, kv, kv);
     }
-    const auto jobs = planned_jobs(cache, {a, b});
+    const auto jobs = planned_jobs(cache, {a, b}, dms::cpu::detail::decode_max_lockstep);
     INFO(dms::page_placement_name(placement));
     std::size_t items = 0;
     for (const auto& job : jobs) items += job.size();
@@ -431,6 +432,12 @@ TEST_CASE("cpu decode plan: rows whose pages interleave in the pool run as one j
       for (std::size_t j = 0; j < jobs.size(); ++j)
         for (std::size_t i = 0; i < jobs[j].size(); ++i)
           REQUIRE(jobs[j][i] == std::pair<int, int>(int(j % 2 * 8 + i), int(j / 2)));
+      // A smaller cap (many threads: decode.hpp keeps 4 jobs per thread) cuts the runs shorter.
+      const auto threes = planned_jobs(cache, {a, b}, 3);
+      REQUIRE(threes.size() == 2u * 6u);  // per chunk: rows 0-2, 3-5, 6-8, 9-11, 12-14, 15
+      REQUIRE(threes[2] == std::vector<std::pair<int, int>>{{6, 0}, {7, 0}, {8, 0}});
+      REQUIRE(threes[5] == std::vector<std::pair<int, int>>{{15, 0}});
+      REQUIRE(threes[6] == std::vector<std::pair<int, int>>{{0, 1}, {1, 1}, {2, 1}});
     } else {
       REQUIRE(jobs.size() == 32u);  // each row's pages form runs of their own: no job to share
     }

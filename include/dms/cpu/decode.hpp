@@ -205,7 +205,10 @@ void decode_batch(paged_cache<T, P>& cache, std::span<const int> seqs, std::span
         cap,
         ws.counts.data() + item};
   };
-  plan_decode_jobs(ws, cview, chunk_pages, P::selects_pages);
+  // Jobs of several items, but at least 4 per thread, so that every thread gets work and the
+  // shared counter can balance it (a job of 8 items at 4K tokens is all of a row's chunks).
+  const int per_job = std::clamp(items / (4 * exec.concurrency()), 1, decode_max_lockstep);
+  plan_decode_jobs(ws, cview, chunk_pages, P::selects_pages, per_job);
   auto run = [&](std::size_t job) {
     const int begin = ws.job_first[job], end = ws.job_first[job + 1];
     decode_chunk_args<T> args[decode_max_lockstep]{};

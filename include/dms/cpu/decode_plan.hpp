@@ -84,10 +84,11 @@ inline decode_workspace& thread_decode_workspace() {
 /// reads the pool in runs of pages instead of one stream per row that restarts at every page
 /// (4 KiB of bf16 K at 16 slots and head_dim 128). Other items (page_placement::adjacent, rows
 /// that grew apart, most of Quest's selections) are a job each. Results do not depend on the
-/// grouping: a job computes each of its items exactly as alone.
+/// grouping: a job computes each of its items exactly as alone. So the grouping may depend on
+/// the thread count, which max_per_job (in [1, decode_max_lockstep]) caps it by.
 template <class T>
 void plan_decode_jobs(decode_workspace& ws, const cache_view<const T>& view, int chunk_pages,
-                      bool selected) {
+                      bool selected, int max_per_job) {
   ws.job_items.clear();
   ws.job_first.clear();
   int max_items = 0;
@@ -103,7 +104,7 @@ void plan_decode_jobs(decode_workspace& ws, const cache_view<const T>& view, int
       const int lp = selected ? ws.pages[rp.pages_at + at] : int(at);
       const std::int64_t page = view.page(rp.row, lp);
       const bool joins =
-          page == prev + 1 && int(ws.job_items.size()) - ws.job_first.back() < decode_max_lockstep;
+          page == prev + 1 && int(ws.job_items.size()) - ws.job_first.back() < max_per_job;
       if (!joins) ws.job_first.push_back(int(ws.job_items.size()));
       ws.job_items.push_back(rp.first_item + c);
       prev = page;

@@ -41,8 +41,9 @@ class executor {
  public:
   virtual ~executor() = default;
 
-  /// Threads that may run tasks at once (the caller's included); >= 1. The fast path sizes
-  /// nothing by it: it only decides whether parallel work is worth handing out.
+  /// Threads that may run tasks at once (the caller's included); >= 1. No result depends on it:
+  /// the decode only caps by it how many work items one task walks together, so that every
+  /// thread gets some.
   [[nodiscard]] virtual int concurrency() const noexcept = 0;
 
   /// Runs task(i) exactly once for every i in [0, n), in any order and on any threads (the
