@@ -363,37 +363,32 @@ TEST_CASE("cpu decode == reference: random shapes", "[cpu][decode]") {
 
 namespace {
 
-// The jobs dms::cpu plans for one decode step over `seqs` of `cache` (as decode.hpp builds its
-// rows and items): each job as its items' (row, chunk) pairs.
+// The jobs dms::cpu plans for one decode step over `seqs` of `cache` (rows as decode.hpp builds
+// them, dense: every page read): each job as its items' (row, chunk) pairs.
 template <class Cache>
 std::vector<std::vector<std::pair<int, int>>> planned_jobs(const Cache& cache,
                                                            const std::vector<int>& seqs,
                                                            int max_per_job) {
   namespace cd = dms::cpu::detail;
-  const auto view = cache.view();
   const int ps = cache.config().page_size, chunk_pages = cd::decode_chunk_pages(ps);
   cd::decode_workspace ws;
-  int items = 0;
   for (const int s : seqs)
     for (int h = 0; h < cache.config().num_kv_heads; ++h) {
       cd::decode_row rp;
       rp.row = cache.row_index(s, h);
       rp.length = cache.row_length(rp.row);
       rp.num_pages = (rp.length + ps - 1) / ps;
-      rp.first_item = items;
-      rp.num_items = (rp.num_pages + chunk_pages - 1) / chunk_pages;
-      items += rp.num_items;
       ws.rows.push_back(rp);
     }
-  cd::plan_decode_jobs(ws, view, chunk_pages, false, max_per_job);
+  cd::plan_decode_items(ws, chunk_pages);
+  cd::plan_decode_jobs(ws, cache.view(), chunk_pages, false, max_per_job);
   std::vector<std::vector<std::pair<int, int>>> jobs;
   for (std::size_t j = 0; j + 1 < ws.job_first.size(); ++j) {
     jobs.emplace_back();
     for (int i = ws.job_first[j]; i < ws.job_first[j + 1]; ++i) {
       const int item = ws.job_items[std::size_t(i)];
-      for (const auto& rp : ws.rows)
-        if (item >= rp.first_item && item < rp.first_item + rp.num_items)
-          jobs.back().push_back({rp.row, item - rp.first_item});
+      const cd::decode_row& rp = ws.rows[std::size_t(ws.item_row[std::size_t(item)])];
+      jobs.back().push_back({rp.row, item - rp.first_item});
     }
   }
   return jobs;

@@ -8,8 +8,8 @@
 // undo journal when it gets one (dms/cache_journal.hpp), and undo() replays it.
 //
 // It knows what a policy stores per row and whether the policy keeps key bounds, never when the
-// policy's hooks run or what a caller passed: that protocol and every argument check belong to
-// paged_cache (dms/paged_cache.hpp), which holds one of these privately. Its members are public
+// policy's hooks run: that protocol and the argument checks (all but page_bound's page) belong
+// to paged_cache (dms/paged_cache.hpp), which holds one of these privately. Its members are public
 // for that reason: paged_cache, its row handles (dms/cache_handles.hpp) and detail::image_io
 // (dms/cache_images.hpp) are its only users.
 

@@ -135,18 +135,9 @@ void decode_batch(paged_cache<T, P>& cache, std::span<const int> seqs, std::span
   // Items: each row's page list in chunks of a fixed number of pages.
   const int chunk_pages = decode_chunk_pages(ps);
   const int cap = chunk_pages * ps;
-  int items = 0;
+  const int items = plan_decode_items(ws, chunk_pages);
   bool keep_logits = probs != nullptr;
-  for (decode_row& rp : ws.rows) {
-    rp.first_item = items;
-    rp.num_items = (rp.num_pages + chunk_pages - 1) / chunk_pages;
-    items += rp.num_items;
-    keep_logits = keep_logits || rp.fold != score_update::none;
-  }
-  ws.item_row.resize(std::size_t(items));
-  for (int r = 0; r < nrows; ++r)
-    for (int c = 0; c < ws.rows[std::size_t(r)].num_items; ++c)
-      ws.item_row[std::size_t(ws.rows[std::size_t(r)].first_item + c)] = r;
+  for (const decode_row& rp : ws.rows) keep_logits = keep_logits || rp.fold != score_update::none;
   const std::size_t item_floats = std::size_t(G) * (dpad + 2);
   ws.partial.resize(std::size_t(items) * item_floats);
   ws.counts.assign(std::size_t(items), 0);

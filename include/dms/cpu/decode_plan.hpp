@@ -77,6 +77,22 @@ inline decode_workspace& thread_decode_workspace() {
   return ws;
 }
 
+/// Cuts each row's page list (num_pages) into items of chunk_pages pages: sets the rows'
+/// first_item and num_items and ws.item_row. Returns the number of items.
+inline int plan_decode_items(decode_workspace& ws, int chunk_pages) {
+  int items = 0;
+  for (decode_row& rp : ws.rows) {
+    rp.first_item = items;
+    rp.num_items = (rp.num_pages + chunk_pages - 1) / chunk_pages;
+    items += rp.num_items;
+  }
+  ws.item_row.resize(std::size_t(items));
+  for (std::size_t r = 0; r < ws.rows.size(); ++r)
+    for (int c = 0; c < ws.rows[r].num_items; ++c)
+      ws.item_row[std::size_t(ws.rows[r].first_item + c)] = int(r);
+  return items;
+}
+
 /// Groups the plan's items into jobs, the items one call of the kernel walks in turn
 /// (decode_chunks). Chunk c of consecutive rows goes into one job, up to decode_max_lockstep
 /// of them, while each row's chunk starts on the pool page right after the previous row's: rows
